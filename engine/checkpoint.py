@@ -1,0 +1,75 @@
+"""Checkpoints (DeepSpeed's format + our client state) and the encoder export (safetensors + json).
+
+Layout: output_dir/checkpoints/step_00000120/ holds DeepSpeed's files; the file COMPLETE is written
+into it only after every rank has finished writing, so a checkpoint cut off mid-write is never taken
+as the latest. Resume picks the newest folder that has COMPLETE.
+"""
+import json
+import shutil
+from pathlib import Path
+
+import torch
+
+COMPLETE = "COMPLETE"
+
+
+def checkpoint_root(output_dir):
+    return Path(output_dir) / "checkpoints"
+
+
+def complete_checkpoints(output_dir):
+    """Complete checkpoint folders, oldest first."""
+    root = checkpoint_root(output_dir)
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.glob("step_*") if (p / COMPLETE).is_file())
+
+
+def latest_checkpoint(output_dir):
+    found = complete_checkpoints(output_dir)
+    return found[-1] if found else None
+
+
+def resolve_resume(resume, output_dir):
+    """train.resume -> a checkpoint folder or None: 'auto' = the newest complete one, 'none' = start fresh."""
+    if resume in ("", "none"):
+        return None
+    if resume == "auto":
+        return latest_checkpoint(output_dir)
+    path = Path(resume)
+    if not (path / COMPLETE).is_file():
+        raise FileNotFoundError(f"train.resume={resume}: not a complete checkpoint folder (no {COMPLETE} file)")
+    return path
+
+
+def save_checkpoint(engine, output_dir, step, client_state, keep, is_main):
+    """Save on ALL ranks (DeepSpeed requires it), mark complete, prune old ones. Returns the folder."""
+    root = checkpoint_root(output_dir)
+    tag = f"step_{step:08d}"
+    engine.save_checkpoint(str(root), tag=tag, client_state=client_state, save_latest=False)
+    torch.distributed.barrier()
+    folder = root / tag
+    if is_main:
+        (folder / COMPLETE).write_text(json.dumps({"step": step}))
+        for old in complete_checkpoints(output_dir)[:-keep] if keep > 0 else []:
+            shutil.rmtree(old, ignore_errors=True)
+    torch.distributed.barrier()
+    return folder
+
+
+def load_checkpoint(engine, folder):
+    """Restore module, optimizer and engine state; returns our client state."""
+    path, client_state = engine.load_checkpoint(str(folder.parent), tag=folder.name,
+                                                load_optimizer_states=True, load_lr_scheduler_states=False)
+    if path is None:
+        raise RuntimeError(f"DeepSpeed could not load the checkpoint in {folder}")
+    return client_state
+
+
+def export_encoder(state_dict, model_config, path):
+    """Write encoder weights as safetensors and its model config (timm name + kwargs) beside it as json."""
+    from safetensors.torch import save_file
+    path = Path(path)
+    save_file({k: v.detach().contiguous().cpu() for k, v in state_dict.items()}, str(path))
+    path.with_suffix(".json").write_text(json.dumps(model_config, indent=2))
+    return path

@@ -1,0 +1,225 @@
+"""The one training loop: every objective (MAE, CLIP) and task (classification, linear probe) runs here.
+
+The trained module is an nn.Module whose forward(batch) returns (loss, {name: scalar tensor}). Optional
+hooks it may define:
+    evaluate_batch(batch) -> {name: (sum, count)}   evaluation, reduced over batches and ranks
+    best_metric: str                                  an evaluate_batch key whose maximum is tracked
+    on_step_end()                                     after each optimizer step (clamps, EMA updates)
+    visualize(path)                                   at each checkpoint, on every rank (path None off rank 0)
+    export_state() -> (state_dict, model_config)      the encoder written at the end as safetensors
+    extra_state() / load_extra_state(state)           state kept outside the engine (e.g. EMA weights)
+"""
+import contextlib
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+
+from .checkpoint import export_encoder, load_checkpoint, resolve_resume, save_checkpoint
+from .config import config_to_dict, save_config
+from .deepspeed_setup import gathered_parameters, initialize_engine, load_deepspeed_config
+from .distributed import all_gather_object, all_reduce_sum, rng_state, set_rng_state
+from .metrics import RunLogger, plot_curves, truncate_metrics
+from .optim import build_optimizer, build_param_groups, build_scheduler, peak_lr
+
+
+class NonFiniteLossError(RuntimeError):
+    """Too many non-finite losses in a row."""
+
+
+def autocast_dtype(precision, device):
+    if precision == "auto":
+        return torch.bfloat16 if device.type == "cuda" else None
+    return {"bf16": torch.bfloat16, "fp32": None}[precision]
+
+
+def _to_device(batch, device):
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+def evaluate(engine, data, dist, precision):
+    """Run module.evaluate_batch over one pass of `data`; returns {name: sum / count} over all ranks."""
+    module = engine.module
+    module.eval()
+    sums = {}
+    dtype = autocast_dtype(precision, dist.device)
+    with torch.no_grad(), torch.autocast(dist.device.type, dtype=dtype, enabled=dtype is not None):
+        data.set_epoch(0)
+        for batch in data.loader:
+            for name, (total, count) in module.evaluate_batch(_to_device(batch, dist.device)).items():
+                s, c = sums.get(name, (0.0, 0.0))
+                sums[name] = (s + float(total), c + float(count))
+    module.train()
+    names = sorted(sums)
+    reduced = all_reduce_sum([v for n in names for v in sums[n]], dist.device)
+    return {n: reduced[2 * i] / max(reduced[2 * i + 1], 1.0) for i, n in enumerate(names)}
+
+
+def train(cfg, module, data, dist, eval_data=None):
+    """Train `module` on `data` (a data.DataInfo) under DeepSpeed as `cfg` says; returns final metrics.
+
+    Checkpoints every train.save_every steps and at the end, resumes per train.resume, evaluates every
+    train.eval_every epochs, writes metrics.jsonl / TensorBoard / loss curve and the exported encoder.
+    """
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if dist.is_main:
+        save_config(cfg, out / "config.yaml")
+    tc = cfg.train
+    module.to(dist.device)
+    global_batch = cfg.data.batch_size * tc.grad_accum * dist.world_size
+    lr = peak_lr(cfg.optim, global_batch)
+    optimizer = build_optimizer(cfg.optim, build_param_groups(module, cfg.optim.weight_decay, cfg.optim.layer_decay),
+                                lr, dist.device)
+    ds_config = load_deepspeed_config(cfg.deepspeed, cfg.data.batch_size, tc.grad_accum, tc.clip_grad)
+    engine, optimizer = initialize_engine(module, optimizer, ds_config)
+    steps_per_epoch = data.steps_per_epoch // tc.grad_accum
+    if steps_per_epoch < 1:
+        raise ValueError(f"an epoch of {data.num_samples} samples gives no optimizer step at global batch {global_batch}")
+    total_steps = tc.epochs * steps_per_epoch
+    stop_step = min(total_steps, tc.max_steps) if tc.max_steps > 0 else total_steps
+    scheduler = build_scheduler(optimizer, cfg.optim, total_steps, steps_per_epoch)
+    n_params = sum(p.numel() for p in module.parameters() if p.requires_grad)
+    if dist.is_main:
+        print(f"global batch {global_batch} ({dist.world_size} ranks x {cfg.data.batch_size} x {tc.grad_accum} accum), "
+              f"peak lr {lr:.3g}, {steps_per_epoch} steps/epoch, {stop_step} of {total_steps} steps, "
+              f"{n_params / 1e6:.2f}M trainable parameters", flush=True)
+
+    step, epoch, best = 0, 0, None
+    resume_from = resolve_resume(tc.resume, out)
+    if resume_from is not None:
+        state = load_checkpoint(engine, resume_from)
+        step, epoch, best = state["step"], state["epoch"], state.get("best")
+        if state["world_size"] == dist.world_size:
+            set_rng_state(state["rng"][dist.rank])
+            data.load_state_dict(state["data"][dist.rank])
+        else:
+            data.load_state_dict({k: v for k, v in state["data"][0].items() if k in ("epoch", "batches_done")})
+        if hasattr(module, "load_extra_state") and state.get("extra") is not None:
+            module.load_extra_state(state["extra"])
+        if dist.is_main:
+            truncate_metrics(out / "metrics.jsonl", step)
+            print(f"resumed from {resume_from} at step {step}", flush=True)
+    elif dist.is_main and (out / "metrics.jsonl").exists():
+        (out / "metrics.jsonl").unlink()
+
+    logger = RunLogger(out, dist.is_main, stop_step, initial_step=step)
+    dtype = autocast_dtype(tc.precision, dist.device)
+    bad_in_row = bad_total = 0
+    window = {"loss": 0.0, "n": 0, "t0": time.time(), "data_time": 0.0, "steps": 0}
+    extra_metrics = {}
+
+    def checkpoint_now():
+        client_state = {
+            "step": step, "epoch": epoch, "best": best, "world_size": dist.world_size,
+            "data": all_gather_object(data.state_dict()), "rng": all_gather_object(rng_state()),
+            "extra": module.extra_state() if hasattr(module, "extra_state") else None,
+            "config": config_to_dict(cfg),
+        }
+        folder = save_checkpoint(engine, out, step, client_state, tc.keep_checkpoints, dist.is_main)
+        if hasattr(module, "visualize"):
+            module.visualize(folder.parent.parent / f"reconstruction_step{step:08d}.png" if dist.is_main else None)
+        if dist.is_main:
+            plot_curves(out / "metrics.jsonl", out / "loss_curve.png",
+                        keys=("loss", "lr", *getattr(module, "plot_keys", ())))
+
+    def run_eval():
+        nonlocal best
+        if eval_data is None or not hasattr(module, "evaluate_batch"):
+            return {}
+        metrics = evaluate(engine, eval_data, dist, tc.precision)
+        key = getattr(module, "best_metric", None)
+        if key in metrics and (best is None or metrics[key] > best):
+            best = metrics[key]
+            metrics[f"best_{key}"] = best
+            _export(engine, module, out / "best_encoder.safetensors", dist)
+        logger.log(step, {**metrics, "epoch": epoch})
+        return metrics
+
+    while step < stop_step and epoch < tc.epochs:
+        data.set_epoch(epoch)
+        micro = 0
+        t_data = time.time()
+        for batch in data.loader:
+            window["data_time"] += time.time() - t_data
+            if micro % tc.grad_accum == 0:
+                scheduler.step_update(step)
+            micro += 1
+            batch = _to_device(batch, dist.device)
+            with torch.autocast(dist.device.type, dtype=dtype, enabled=dtype is not None):
+                loss, metrics = engine(batch)
+            # loss.item() syncs with the device; the NaN guard needs the value on the host anyway
+            loss_value = loss.item()
+            if all_reduce_sum([float(not math.isfinite(loss_value))], dist.device)[0] > 0:
+                bad_in_row, bad_total = bad_in_row + 1, bad_total + 1
+                if dist.is_main:
+                    print(f"non-finite loss at step {step}: batch skipped ({bad_in_row} in a row)", flush=True)
+                if bad_in_row >= tc.max_bad_steps:
+                    raise NonFiniteLossError(
+                        f"{bad_in_row} non-finite losses in a row at step {step}; stopping. The last complete "
+                        f"checkpoint in {out / 'checkpoints'} is kept: lower the lr or check the data.")
+                t_data = time.time()
+                continue
+            bad_in_row = 0
+            boundary = engine.is_gradient_accumulation_boundary()
+            engine.backward(loss)
+            engine.step()
+            window["loss"] += loss_value
+            window["n"] += 1
+            for k, v in metrics.items():
+                extra_metrics[k] = extra_metrics.get(k, 0.0) + float(v)
+            if boundary:
+                step += 1
+                window["steps"] += 1
+                if hasattr(module, "on_step_end"):
+                    module.on_step_end()
+                logger.advance()
+                if step % tc.log_every == 0 or step == stop_step:
+                    logger.log(step, _window_record(window, extra_metrics, data, dist, optimizer, epoch,
+                                                    global_batch, bad_total))
+                    window = {"loss": 0.0, "n": 0, "t0": time.time(), "data_time": 0.0, "steps": 0}
+                    extra_metrics = {}
+                if tc.save_every > 0 and step % tc.save_every == 0 and step < stop_step:
+                    checkpoint_now()
+                if step >= stop_step:
+                    break  # mid-epoch: the final checkpoint records the data position
+            t_data = time.time()
+        else:
+            epoch += 1
+            if tc.eval_every > 0 and epoch % tc.eval_every == 0 and epoch < tc.epochs:
+                run_eval()
+    final_eval = run_eval()
+    checkpoint_now()
+    _export(engine, module, out / "encoder.safetensors", dist)
+    results = {"step": step, "epoch": epoch, **final_eval}
+    if best is not None:
+        results["best"] = best
+    if dist.is_main:
+        (out / "results.json").write_text(json.dumps(results, indent=2))
+    logger.close()
+    return results
+
+
+def _window_record(window, extra_metrics, data, dist, optimizer, epoch, global_batch, bad_total):
+    """The metrics of the steps since the last log line, averaged over ranks."""
+    names = sorted(extra_metrics)
+    sums = all_reduce_sum([window["loss"], window["n"], float(data.skipped()), *[extra_metrics[k] for k in names]],
+                          dist.device)
+    elapsed = max(time.time() - window["t0"], 1e-9)
+    return {
+        "loss": sums[0] / max(sums[1], 1.0), "lr": optimizer.param_groups[0]["lr"], "epoch": epoch,
+        "images_per_s": window["steps"] * global_batch / elapsed, "data_time_frac": window["data_time"] / elapsed,
+        "skipped_samples": sums[2], "bad_steps": bad_total, **{k: s / max(sums[1], 1.0) for k, s in zip(names, sums[3:])},
+    }
+
+
+def _export(engine, module, path, dist):
+    if not hasattr(module, "export_state"):
+        return
+    with gathered_parameters(module) if engine.zero_optimization_stage() == 3 else contextlib.nullcontext():
+        if dist.is_main:
+            state_dict, model_config = module.export_state()
+            export_encoder(state_dict, model_config, path)
+    torch.distributed.barrier()

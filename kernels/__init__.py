@@ -1,0 +1,42 @@
+"""Selective-scan kernels. Functions on tensors only: no parameters, no imports from the rest of the project."""
+import torch
+
+from .scan_ref import bidirectional_scan_ref, selective_scan_ref
+
+__all__ = ["bidirectional_scan", "bidirectional_scan_ref", "selective_scan_ref", "available_backends"]
+
+
+def available_backends():
+    """Backends usable in this process: "reference" always, "triton" when the Triton kernel imports."""
+    backends = ["reference"]
+    try:
+        from . import scan_triton  # noqa: F401
+        backends.append("triton")
+    except ImportError:
+        pass
+    return backends
+
+
+def bidirectional_scan(u, delta, A, B, C, D, z, delta_bias, backend=None):
+    """Bidirectional selective scan of Vim's v2 mixer, both directions in one call.
+
+    Args:
+        u, delta: (2, batch, E, L); index 0 is the forward direction, 1 the backward one, both in the
+            ORIGINAL token order (the backward direction is read from the end by the scan itself).
+        A: (2, E, N), negative (A = -exp(A_log)).
+        B, C: (2, batch, N, L).
+        D, delta_bias: (2, E).
+        z: (batch, E, L), the gate shared by both directions.
+        backend: "reference" (pure PyTorch), "triton" (fused kernel) or None (triton on CUDA, else reference).
+    Returns:
+        y: (batch, E, L) in u's dtype, y = silu(z) * (y_fwd + y_bwd) / 2 with, per direction,
+        dt = softplus(delta + delta_bias), h_t = exp(dt_t A) h_prev + dt_t B_t u_t, y_t = <h_t, C_t> + D u_t.
+    """
+    if backend is None:
+        backend = "triton" if u.is_cuda and "triton" in available_backends() else "reference"
+    if backend == "reference":
+        return bidirectional_scan_ref(u, delta, A, B, C, D, z, delta_bias)
+    if backend == "triton":
+        from .scan_triton import bidirectional_scan_triton
+        return bidirectional_scan_triton(u, delta, A, B, C, D, z, delta_bias)
+    raise ValueError(f"unknown scan backend {backend!r}; expected 'reference', 'triton' or None")

@@ -1,0 +1,23 @@
+"""Shape checks shared by every backend of `bidirectional_scan`."""
+
+
+def check_scan_inputs(u, delta, A, B, C, D, z, delta_bias):
+    """Assert the documented shapes; returns (num_directions, batch, E, L, N)."""
+    if u.dim() != 4:
+        raise ValueError(f"u must be (directions, batch, E, L), got {tuple(u.shape)}")
+    K, batch, E, L = u.shape
+    N = A.shape[-1]
+    expected = {
+        "u": (u, (K, batch, E, L)),
+        "delta": (delta, (K, batch, E, L)),
+        "A": (A, (K, E, N)),
+        "B": (B, (K, batch, N, L)),
+        "C": (C, (K, batch, N, L)),
+        "D": (D, (K, E)),
+        "z": (z, (batch, E, L)),
+        "delta_bias": (delta_bias, (K, E)),
+    }
+    for name, (tensor, shape) in expected.items():
+        if tuple(tensor.shape) != shape:
+            raise ValueError(f"{name} must have shape {shape}, got {tuple(tensor.shape)}")
+    return K, batch, E, L, N

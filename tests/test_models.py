@@ -1,0 +1,167 @@
+"""The Vim family: sizes, public parameter names, checkpoint loading, pos-embed resizing, forward passes."""
+import pytest
+import timm
+import torch
+
+import models
+from models import load_checkpoint, resize_pos_embed
+
+EXPECTED = {  # (params at stride 16 or 8, D, E, depth): VIM_SPEC
+    "vim_tiny_patch16_224": (7_148_008, 192),
+    "vim_small_patch16_224": (25_796_584, 384),
+    "vim_base_patch16_224": (97_598_440, 768),
+    "vim_tiny_patch16_stride8_224": (7_250_344, 192),
+    "vim_small_patch16_stride8_224": (26_001_256, 384),
+}
+
+
+def public_shapes(D, depth=24, N=16, M=196, classes=1000):
+    """Parameter names and shapes of the public reference checkpoints (VIM_SPEC)."""
+    E, R = 2 * D, -(-D // 16)
+    shapes = {"patch_embed.proj.weight": (D, 3, 16, 16), "patch_embed.proj.bias": (D,), "cls_token": (1, 1, D),
+              "pos_embed": (1, M + 1, D), "norm_f.weight": (D,), "head.weight": (classes, D), "head.bias": (classes,)}
+    for i in range(depth):
+        p = f"layers.{i}."
+        shapes[p + "norm.weight"] = (D,)
+        shapes[p + "mixer.in_proj.weight"] = (2 * E, D)
+        shapes[p + "mixer.out_proj.weight"] = (D, E)
+        for s in ("", "_b"):
+            shapes[p + f"mixer.conv1d{s}.weight"] = (E, 1, 4)
+            shapes[p + f"mixer.conv1d{s}.bias"] = (E,)
+            shapes[p + f"mixer.x_proj{s}.weight"] = (R + 2 * N, E)
+            shapes[p + f"mixer.dt_proj{s}.weight"] = (E, R)
+            shapes[p + f"mixer.dt_proj{s}.bias"] = (E,)
+            shapes[p + f"mixer.D{s}"] = (E,)
+        shapes[p + "mixer.A_log"] = (E, N)
+        shapes[p + "mixer.A_b_log"] = (E, N)
+    return shapes
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_parameter_count_and_names(name):
+    model = timm.create_model(name)
+    count, D = EXPECTED[name]
+    assert sum(p.numel() for p in model.parameters()) == count
+    M = 196 if "stride8" not in name else 729
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    assert shapes == public_shapes(D, M=M)
+
+
+def test_public_checkpoint_loads_strictly(tmp_path):
+    torch.manual_seed(0)
+    state = {k: torch.randn(s) for k, s in public_shapes(192, depth=2).items()}
+    path = tmp_path / "vim_t_public.pth"
+    torch.save({"model": state, "epoch": 299}, path)
+    model = timm.create_model("vim_tiny_patch16_224", depth=2)
+    assert load_checkpoint(model, path) == []
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, state[k]), k
+    # through timm's own pretrained path too
+    model2 = timm.create_model("vim_tiny_patch16_224", depth=2, pretrained=True, pretrained_cfg_overlay=dict(file=str(path)))
+    assert torch.equal(model2.pos_embed, state["pos_embed"])
+
+
+def test_checkpoint_mismatch_names_keys(tmp_path):
+    state = public_shapes(192, depth=2)
+    state = {k: torch.zeros(s) for k, s in state.items() if k != "layers.1.mixer.D_b"}
+    state["layers.0.mixer.x_proj.weight"] = torch.zeros(3, 3)
+    state["extra.weight"] = torch.zeros(1)
+    path = tmp_path / "bad.pth"
+    torch.save({"model": state}, path)
+    model = timm.create_model("vim_tiny_patch16_224", depth=2)
+    with pytest.raises(ValueError) as err:
+        load_checkpoint(model, path)
+    msg = str(err.value)
+    assert "layers.1.mixer.D_b" in msg and "layers.0.mixer.x_proj.weight" in msg and "(3, 3)" in msg
+    assert "extra.weight" in msg
+
+
+def test_checkpoint_missing_file_and_pickle_safety(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        load_checkpoint(timm.create_model("vim_tiny_patch16_224", depth=1), tmp_path / "nope.pth")
+
+    class Evil:
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    path = tmp_path / "evil.pth"
+    torch.save({"model": {"x": Evil()}}, path)
+    with pytest.raises(Exception):
+        load_checkpoint(timm.create_model("vim_tiny_patch16_224", depth=1), path)
+
+
+def test_pos_embed_resize_keeps_middle_class_token():
+    D = 8
+    pos = torch.randn(1, 14 * 14 + 1, D)
+    pos[:, 98] = 1000.0  # the class slot, recognisable
+    new = resize_pos_embed(pos, (27, 27))
+    assert new.shape == (1, 27 * 27 + 1, D)
+    assert torch.all(new[:, 729 // 2] == 1000.0)
+    others = torch.cat([new[:, :364], new[:, 365:]], dim=1)
+    assert others.abs().max() < 100.0  # the class slot did not leak into the grid
+    same = resize_pos_embed(pos, (14, 14))
+    assert torch.equal(same, pos)
+
+
+def test_resized_checkpoint_loads_into_stride8(tmp_path):
+    torch.manual_seed(0)
+    src = timm.create_model("vim_tiny_patch16_224", depth=2)
+    path = tmp_path / "t.safetensors"
+    from safetensors.torch import save_file
+    save_file(src.state_dict(), str(path))
+    dst = timm.create_model("vim_tiny_patch16_stride8_224", depth=2)
+    load_checkpoint(dst, path)
+    assert torch.equal(dst.pos_embed[:, dst.cls_index], src.pos_embed[:, src.cls_index])
+    assert torch.equal(dst.layers[1].mixer.A_b_log, src.layers[1].mixer.A_b_log)
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_forward_at_224(name):
+    torch.manual_seed(0)
+    model = timm.create_model(name).eval()
+    with torch.no_grad():
+        out = model(torch.randn(1, 3, 224, 224))
+    assert out.shape == (1, 1000) and torch.isfinite(out).all()
+
+
+def test_forward_other_size_gradients_and_grad_checkpointing():
+    torch.manual_seed(0)
+    model = timm.create_model("vim_tiny_patch16_224", img_size=64, patch_size=8, stride=8, depth=3, num_classes=10,
+                              drop_path_rate=0.1)
+    x = torch.randn(2, 3, 64, 64)
+    model.eval()
+    out = model(x)
+    assert out.shape == (2, 10)
+    model.train()
+    model(x).sum().backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+    model.eval()
+    model.set_grad_checkpointing(True)
+    assert torch.allclose(model(x), out, atol=1e-6)
+    feats = model.forward_features(x)
+    assert feats.shape == (2, 65, 192)
+    assert model.forward_head(feats, pre_logits=True).shape == (2, 192)
+
+
+def test_timm_api_hooks():
+    model = timm.create_model("vim_small_patch16_224", depth=2)
+    assert model.num_features == 384
+    nwd = model.no_weight_decay()
+    assert {"pos_embed", "cls_token", "layers.0.mixer.A_log", "layers.1.mixer.A_b_log", "layers.0.mixer.D_b"} <= nwd
+    model.reset_classifier(7)
+    assert model.head.out_features == 7
+    from timm.optim import param_groups_layer_decay
+    groups = param_groups_layer_decay(model, 0.05, no_weight_decay_list=nwd, layer_decay=0.5)
+    scales = sorted({g["lr_scale"] for g in groups})
+    assert scales == [0.125, 0.25, 0.5, 1.0]  # stem, layer 0, layer 1, final norm + head
+
+
+def test_mixer_reference_initialisation():
+    model = timm.create_model("vim_tiny_patch16_224", depth=2)
+    mixer = model.layers[0].mixer
+    for bias in (mixer.dt_proj.bias, mixer.dt_proj_b.bias):   # softplus(bias) in [1e-3, 1e-1]
+        dt = torch.nn.functional.softplus(bias)
+        assert dt.min() >= 1e-4 and dt.max() <= 0.1 + 1e-6 and dt.std() > 0
+    assert torch.allclose(mixer.A_b_log[0], torch.log(torch.arange(1, 17.0)))
+    assert torch.equal(mixer.D_b, torch.ones(384))
+    assert model.head.bias.abs().max() == 0
