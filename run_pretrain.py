@@ -11,7 +11,7 @@ import timm
 import torch
 
 import data
-import models  # noqa: F401  (registers the Vim models in timm)
+import models  # also registers the Vim models in timm
 from engine.setup import build_data, model_config, parse_args
 from engine.train import train
 
@@ -49,8 +49,25 @@ def build_mae(cfg, dist):
 
 
 def build_clip(cfg, dist):
-    from pretrain.clip import build_clip_run
-    return build_clip_run(cfg, dist)
+    from pretrain.clip import ZEROSHOT_TEMPLATES, ClipModel, Tokenizer, build_text_tower
+    aug, cc = cfg.augment, cfg.clip
+    tokenizer = Tokenizer(cc.context_length)
+    train_tf = data.build_transform(True, cfg.data.input_size, scale=(aug.scale_min, 1.0), hflip=aug.hflip,
+                                    interpolation=aug.interpolation)
+    eval_tf = data.build_transform(False, cfg.data.input_size, crop_pct=aug.crop_pct, interpolation=aug.interpolation)
+    train_data, eval_data = build_data(cfg, dist, ("image", "text"), train_tf, eval_tf, text_transform=tokenizer,
+                                       eval_fields=("image", "label"))
+    encoder = timm.create_model(cfg.model.name, **{**cfg.model.kwargs(), "num_classes": 0})
+    if cc.init_image_from:
+        models.load_checkpoint(encoder, cc.init_image_from, strict=True, drop_head=True)
+    text = build_text_tower(cc.embed_dim, cc.text_model, cc.context_length, cc.vocab_size, cc.text_width,
+                            cc.text_heads, cc.text_layers)
+    classnames = eval_data.classes if eval_data is not None else None
+    module = ClipModel(encoder, text, cc.embed_dim, model_config(cfg, num_classes=0), rank=dist.rank,
+                       world_size=dist.world_size, init_logit_scale=cc.init_logit_scale,
+                       max_logit_scale=cc.max_logit_scale, classnames=classnames,
+                       templates=ZEROSHOT_TEMPLATES[cc.zeroshot_templates], tokenizer=tokenizer)
+    return module, train_data, eval_data
 
 
 def main(argv=None):

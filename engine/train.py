@@ -39,9 +39,8 @@ def _to_device(batch, device):
     return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
-def evaluate(engine, data, dist, precision):
+def evaluate(module, data, dist, precision):
     """Run module.evaluate_batch over one pass of `data`; returns {name: sum / count} over all ranks."""
-    module = engine.module
     module.eval()
     sums = {}
     dtype = autocast_dtype(precision, dist.device)
@@ -129,7 +128,7 @@ def train(cfg, module, data, dist, eval_data=None):
         nonlocal best
         if eval_data is None or not hasattr(module, "evaluate_batch"):
             return {}
-        metrics = evaluate(engine, eval_data, dist, tc.precision)
+        metrics = evaluate(engine.module, eval_data, dist, tc.precision)
         key = getattr(module, "best_metric", None)
         if key in metrics and (best is None or metrics[key] > best):
             best = metrics[key]
