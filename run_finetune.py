@@ -13,9 +13,11 @@ import sys
 from pathlib import Path
 
 import timm
+import torch
 
 import data
 import models
+from engine.distributed import all_gather_object
 from engine.setup import build_data, model_config, num_classes, parse_args, resolve_shards
 from engine.train import autocast_dtype, evaluate, train
 
@@ -55,15 +57,18 @@ def build_task(args, cfg, dist):
             load_pretrained(encoder, pretrained, dist.is_main)
         module = LinearProbe(encoder, classes, model_config(cfg, num_classes=0))
         if cfg.finetune.cache_features:
-            # features of un-augmented images, extracted once; the head then trains on them in memory
+            # features of un-augmented images, extracted once (each rank its share, then shared by all);
+            # the head then trains on them in memory
             train_data, eval_data = build_data(cfg, dist, ("image", "label"), eval_tf, eval_tf)
             module.to(dist.device)
             dtype = autocast_dtype(cfg.train.precision, dist.device)
-            train_data, eval_data = (
-                data.FeatureData(*extract_features(encoder, _one_pass(d), dist.device, dtype), cfg.data.batch_size,
-                                 seed=cfg.seed, rank=dist.rank, world_size=dist.world_size, is_training=d is train_data)
-                for d in (train_data, eval_data))
-            return module, train_data, eval_data
+            cached = []
+            for split in (train_data, eval_data):
+                parts = all_gather_object(extract_features(encoder, _one_pass(split), dist.device, dtype))
+                cached.append(data.FeatureData(
+                    torch.cat([f for f, _ in parts]), torch.cat([y for _, y in parts]), cfg.data.batch_size,
+                    seed=cfg.seed, rank=dist.rank, world_size=dist.world_size, is_training=split is train_data))
+            return module, cached[0], cached[1]
     else:
         train_tf = data.build_transform(True, cfg.data.input_size, scale=(aug.scale_min, 1.0), hflip=aug.hflip,
                                         auto_augment=aug.auto_augment or None, re_prob=aug.re_prob,

@@ -4,10 +4,11 @@ Never imports models/, engine/, pretrain/ or finetune/, and takes plain keyword 
 """
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
+from .features import FeatureData
 from .info import read_info
 from .loader import DataInfo, build_loader
 from .synthetic import default_dataset
 from .transforms import build_transform
 
-__all__ = ["IMAGENET_DEFAULT_MEAN", "IMAGENET_DEFAULT_STD", "DataInfo", "build_loader", "build_transform",
+__all__ = ["IMAGENET_DEFAULT_MEAN", "IMAGENET_DEFAULT_STD", "DataInfo", "FeatureData", "build_loader", "build_transform",
            "default_dataset", "read_info"]

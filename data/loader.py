@@ -43,9 +43,12 @@ class EpochLoader:
         self.stream, self.steps = stream, steps
         self.epoch, self.batches_done, self._skipped = 0, 0, 0
         self._restored = False  # the position came from load_state_dict and was not iterated yet
+        # its own generator: creating an iterator must not draw from the global RNG, whose state a
+        # resumed run restores (a draw there would shift every later random mask)
         self._loader = DataLoader(
             stream, batch_size=None, num_workers=num_workers,  # batches are made in the workers
-            pin_memory=pin_memory and torch.cuda.is_available(), persistent_workers=num_workers > 0)
+            pin_memory=pin_memory and torch.cuda.is_available(), persistent_workers=num_workers > 0,
+            generator=torch.Generator().manual_seed(0))
 
     def __len__(self) -> int:
         return self.steps

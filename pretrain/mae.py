@@ -94,11 +94,12 @@ class MaskedAutoencoder(nn.Module):
         in_chans, D = pe.proj.in_channels, encoder.embed_dim
         M = encoder.num_patches
         self.cls_index = encoder.cls_index
+        # drop: the decoder fills the masked slots; keep: the encoder does (and the decoder reads its outputs)
         if mask_mode == "keep":
             self.mask_token = nn.Parameter(torch.zeros(1, 1, D))
-
+        else:
+            self.decoder_mask_token = nn.Parameter(torch.zeros(1, 1, decoder_embed_dim))
         self.decoder_embed = nn.Linear(D, decoder_embed_dim)
-        self.decoder_mask_token = nn.Parameter(torch.zeros(1, 1, decoder_embed_dim))
         # fixed 2-D sin-cos position embedding (as MAE), zeros in the class slot
         grid_pos = build_sincos2d_pos_embed(pe.grid_size, decoder_embed_dim).reshape(M, decoder_embed_dim)
         pos = torch.cat([grid_pos[:self.cls_index], torch.zeros(1, decoder_embed_dim), grid_pos[self.cls_index:]])
@@ -120,9 +121,7 @@ class MaskedAutoencoder(nn.Module):
         self._init_decoder()
 
     def _init_decoder(self):
-        trunc_normal_(self.decoder_mask_token, std=0.02)
-        if self.mask_mode == "keep":
-            trunc_normal_(self.mask_token, std=0.02)
+        trunc_normal_(self.mask_token if self.mask_mode == "keep" else self.decoder_mask_token, std=0.02)
         # MAE's init for its Linear layers; Vim decoder blocks keep their own (A, D, dt) initialisation
         linears = [self.decoder_embed, self.decoder_pred]
         if not isinstance(self.decoder_blocks[0], VimBlock):
@@ -133,9 +132,8 @@ class MaskedAutoencoder(nn.Module):
 
     @torch.jit.ignore
     def no_weight_decay(self):
-        names = {f"encoder.{n}" for n in self.encoder.no_weight_decay()} | {"decoder_mask_token"}
-        if self.mask_mode == "keep":
-            names.add("mask_token")
+        names = {f"encoder.{n}" for n in self.encoder.no_weight_decay()}
+        names.add("mask_token" if self.mask_mode == "keep" else "decoder_mask_token")
         for i, block in enumerate(self.decoder_blocks):
             if isinstance(block, VimBlock):
                 names |= {f"decoder_blocks.{i}.mixer.{p}" for p in ("A_log", "A_b_log", "D", "D_b")}

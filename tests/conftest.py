@@ -16,3 +16,12 @@ def shared_data():
     if not SHARED_DATA.is_dir():
         pytest.skip("../shared/data is not present")
     return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def default_data_cache(tmp_path_factory):
+    """One copy of the embedded data set for the whole session, used through data.cache_dir."""
+    path = tmp_path_factory.mktemp("default_data")
+    import data
+    data.default_dataset(str(path))
+    return str(path)

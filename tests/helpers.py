@@ -1,0 +1,40 @@
+"""Shared pieces of the training tests: tiny configs and a launcher for several gloo ranks."""
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+TINY_MODEL = ["model.img_size=32", "model.patch_size=8", "model.stride=8", "model.embed_dim=32", "model.depth=2",
+              "data.input_size=32", "data.num_workers=0", "data.batch_size=16", "train.log_every=1"]
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_ranks(script_args, world_size, timeout=600, env=None):
+    """Run `python script_args...` as world_size gloo ranks from the repo root; returns their outputs."""
+    port = str(free_port())
+    procs = []
+    for rank in range(world_size):
+        penv = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
+                    MASTER_ADDR="127.0.0.1", MASTER_PORT=port, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1",
+                    **(env or {}))
+        procs.append(subprocess.Popen([sys.executable, *script_args], cwd=ROOT, env=penv,
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    outputs = [p.communicate(timeout=timeout)[0] for p in procs]
+    for rank, (p, out) in enumerate(zip(procs, outputs)):
+        assert p.returncode == 0, f"rank {rank} failed:\n{out[-4000:]}"
+    return outputs
+
+
+def read_losses(output_dir):
+    """{step: loss} of the training lines of metrics.jsonl."""
+    lines = (Path(output_dir) / "metrics.jsonl").read_text().splitlines()
+    return {r["step"]: r["loss"] for r in map(json.loads, lines) if "loss" in r}

@@ -1,0 +1,81 @@
+"""End-to-end pretraining runs on CPU under DeepSpeed: losses fall, resume is exact, bad input is refused."""
+import json
+
+import pytest
+import torch
+
+import run_pretrain
+from engine.checkpoint import COMPLETE, latest_checkpoint
+from engine.config import ConfigError
+from engine.train import NonFiniteLossError
+from helpers import TINY_MODEL, read_losses, run_ranks
+
+MAE_TINY = TINY_MODEL + ["mae.decoder_embed_dim=16", "mae.decoder_depth=1", "mae.decoder_num_heads=2",
+                         "mae.num_vis=4", "optim.lr=3e-3", "optim.warmup_steps=0", "optim.warmup_epochs=0"]
+
+
+def mae_args(tmp_path, cache, *extra):
+    return ["--objective", "mae", *MAE_TINY, f"output_dir={tmp_path}", f"data.cache_dir={cache}", *extra]
+
+
+@pytest.mark.parametrize("zero", [0, 2])
+def test_mae_run_loss_falls_and_writes_outputs(tmp_path, default_data_cache, zero):
+    run_pretrain.main(mae_args(tmp_path, default_data_cache, "train.max_steps=8",
+                               f"deepspeed=configs/deepspeed/zero{zero}.json"))
+    losses = read_losses(tmp_path)
+    assert sorted(losses) == list(range(1, 9))
+    first, last = [losses[s] for s in (1, 2)], [losses[s] for s in (7, 8)]
+    assert sum(last) < sum(first), losses
+    for name in ("config.yaml", "loss_curve.png", "encoder.safetensors", "encoder.json", "reconstruction_step00000008.png"):
+        assert (tmp_path / name).is_file(), name
+    assert list((tmp_path / "tensorboard").iterdir())
+    record = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])
+    assert {"step", "loss", "lr", "images_per_s", "skipped_samples"} <= set(record)
+    assert latest_checkpoint(tmp_path).name == "step_00000008"
+
+
+def test_resume_gives_the_same_losses(tmp_path, default_data_cache):
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    common = ["train.epochs=2", "data.batch_size=32", "train.save_every=3", "augment.scale_min=0.3"]
+    run_pretrain.main(mae_args(straight, default_data_cache, *common, "train.max_steps=12"))
+    run_pretrain.main(mae_args(resumed, default_data_cache, *common, "train.max_steps=6"))
+    run_pretrain.main(mae_args(resumed, default_data_cache, *common, "train.max_steps=12", "train.resume=auto"))
+    a, b = read_losses(straight), read_losses(resumed)
+    assert sorted(b) == list(range(1, 13))
+    for step in range(1, 13):
+        assert a[step] == pytest.approx(b[step], rel=1e-5, abs=1e-6), (step, a, b)
+
+
+def test_interrupted_checkpoint_is_not_the_latest(tmp_path, default_data_cache):
+    run_pretrain.main(mae_args(tmp_path, default_data_cache, "train.max_steps=2"))
+    half_written = tmp_path / "checkpoints" / "step_00000099"
+    half_written.mkdir()
+    (half_written / "mp_rank_00_model_states.pt").write_bytes(b"truncated")
+    assert latest_checkpoint(tmp_path).name == "step_00000002"
+    run_pretrain.main(mae_args(tmp_path, default_data_cache, "train.max_steps=3"))   # resumes from step 2
+    assert sorted(read_losses(tmp_path)) == [1, 2, 3]
+
+
+def test_non_finite_losses_stop_the_run_and_keep_the_checkpoint(tmp_path, default_data_cache, monkeypatch):
+    run_pretrain.main(mae_args(tmp_path, default_data_cache, "train.max_steps=2"))
+    from pretrain.mae import MaskedAutoencoder
+    original = MaskedAutoencoder.forward_loss
+    monkeypatch.setattr(MaskedAutoencoder, "forward_loss", lambda self, *a: original(self, *a) * float("nan"))
+    with pytest.raises(NonFiniteLossError, match="3 non-finite losses in a row"):
+        run_pretrain.main(mae_args(tmp_path, default_data_cache, "train.max_steps=6", "train.max_bad_steps=3"))
+    assert (tmp_path / "checkpoints" / "step_00000002" / COMPLETE).is_file()
+
+
+def test_bad_config_key_is_rejected(tmp_path, default_data_cache):
+    with pytest.raises(ConfigError, match="mae.mask_ration"):
+        run_pretrain.main(mae_args(tmp_path, default_data_cache, "mae.mask_ration=0.5"))
+
+
+def test_two_gloo_ranks_zero2(tmp_path, default_data_cache):
+    args = ["run_pretrain.py", *mae_args(tmp_path, default_data_cache, "train.max_steps=4",
+                                        "deepspeed=configs/deepspeed/zero2.json", "data.batch_size=8")]
+    outputs = run_ranks(args, world_size=2)
+    assert "global batch 16 (2 ranks" in outputs[0]
+    losses = read_losses(tmp_path)
+    assert sorted(losses) == [1, 2, 3, 4] and all(torch.isfinite(torch.tensor(v)) for v in losses.values())
+    assert (tmp_path / "encoder.safetensors").is_file()
