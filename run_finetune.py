@@ -73,6 +73,9 @@ def build_task(args, cfg, dist):
         train_tf = data.build_transform(True, cfg.data.input_size, scale=(aug.scale_min, 1.0), hflip=aug.hflip,
                                         auto_augment=aug.auto_augment or None, re_prob=aug.re_prob,
                                         color_jitter=aug.color_jitter or None, interpolation=aug.interpolation)
+        head = cfg.model.num_classes if cfg.model.num_classes is not None else classes
+        if head != classes:
+            raise ValueError(f"model.num_classes={head}: the head has {head} outputs but the data has {classes} classes")
         model = timm.create_model(cfg.model.name, **{**cfg.model.kwargs(), "num_classes": classes})
         if pretrained:
             keep_head = load_pretrained(model, pretrained, dist.is_main)
