@@ -49,7 +49,7 @@ def build_mae(cfg, dist):
 
 
 def build_clip(cfg, dist):
-    from pretrain.clip import ZEROSHOT_TEMPLATES, ClipModel, Tokenizer, build_text_tower
+    from pretrain.clip import ClipModel, Tokenizer, build_text_tower, zeroshot_templates
     aug, cc = cfg.augment, cfg.clip
     tokenizer = Tokenizer(cc.context_length)
     train_tf = data.build_transform(True, cfg.data.input_size, scale=(aug.scale_min, 1.0), hflip=aug.hflip,
@@ -66,7 +66,7 @@ def build_clip(cfg, dist):
     module = ClipModel(encoder, text, cc.embed_dim, model_config(cfg, num_classes=0), rank=dist.rank,
                        world_size=dist.world_size, init_logit_scale=cc.init_logit_scale,
                        max_logit_scale=cc.max_logit_scale, classnames=classnames,
-                       templates=ZEROSHOT_TEMPLATES[cc.zeroshot_templates], tokenizer=tokenizer)
+                       templates=zeroshot_templates(cc.zeroshot_templates), tokenizer=tokenizer)
     return module, train_data, eval_data
 
 

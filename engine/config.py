@@ -127,7 +127,7 @@ class ClipConfig:
     init_logit_scale: float = 2.6592600   # ln(1/0.07)
     max_logit_scale: float = 4.6051702    # ln(100)
     init_image_from: str = ""       # an exported encoder (e.g. from MAE) to start the image tower from
-    zeroshot_templates: str = "imagenet"   # imagenet | simple
+    zeroshot_templates: str = "imagenet"   # imagenet | simple | your own: "a photo of a {}.|a {} in the wild"
 
 
 @dataclass

@@ -16,9 +16,18 @@ from open_clip.zero_shot_classifier import build_zero_shot_classifier
 from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES, SIMPLE_IMAGENET_TEMPLATES
 from timm.utils import accuracy
 
-__all__ = ["ClipLoss", "ClipModel", "Tokenizer", "build_text_tower", "ZEROSHOT_TEMPLATES"]
+__all__ = ["ClipLoss", "ClipModel", "Tokenizer", "build_text_tower", "zeroshot_templates"]
 
 ZEROSHOT_TEMPLATES = {"imagenet": OPENAI_IMAGENET_TEMPLATES, "simple": SIMPLE_IMAGENET_TEMPLATES}
+
+
+def zeroshot_templates(spec):
+    """A bundled template set by name (imagenet | simple), or your own: "a photo of a {}.|a {} in the dark"."""
+    if spec in ZEROSHOT_TEMPLATES:
+        return ZEROSHOT_TEMPLATES[spec]
+    if "{}" not in spec:
+        raise ValueError(f"zero-shot templates {spec!r}: a name ({', '.join(ZEROSHOT_TEMPLATES)}) or strings with {{}}")
+    return tuple(spec.split("|"))
 
 
 class Tokenizer:
