@@ -116,3 +116,15 @@ def test_clip_run_loss_falls_with_zero_shot(tmp_path, default_data_cache):
     assert sum(losses[s] for s in (10, 11, 12)) < sum(losses[s] for s in (1, 2, 3)), losses
     assert 0.0 <= results["zeroshot_top1"] <= results["zeroshot_top5"] <= 100.0
     assert (tmp_path / "encoder.safetensors").is_file()
+
+
+def test_clip_resume_gives_the_same_losses(tmp_path, default_data_cache):
+    common = ["--objective", "clip", *CLIP_TINY, f"data.cache_dir={default_data_cache}", "train.save_every=3",
+              "data.batch_size=16", "train.eval_every=0"]
+    run_pretrain.main([*common, f"output_dir={tmp_path / 'a'}", "train.max_steps=6"])
+    run_pretrain.main([*common, f"output_dir={tmp_path / 'b'}", "train.max_steps=3"])
+    run_pretrain.main([*common, f"output_dir={tmp_path / 'b'}", "train.max_steps=6"])
+    a, b = read_losses(tmp_path / "a"), read_losses(tmp_path / "b")
+    assert sorted(b) == list(range(1, 7))
+    for step in a:
+        assert a[step] == pytest.approx(b[step], rel=1e-5, abs=1e-6), (step, a, b)
