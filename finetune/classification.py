@@ -76,6 +76,8 @@ class Classifier(nn.Module):
     def forward(self, batch):
         images, labels = batch["image"], batch["label"]
         if self.ema_decay is not None and self.ema is None:
+            if any(hasattr(p, "ds_id") for p in self.model.parameters()):
+                raise ValueError("finetune.ema needs whole parameters on every rank: use ZeRO stage 0, 1 or 2, not 3")
             object.__setattr__(self, "ema", ModelEmaV3(self.model, decay=self.ema_decay))
         if self.mixup is not None:
             images, labels = self.mixup(images, labels)

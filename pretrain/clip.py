@@ -56,12 +56,26 @@ def build_text_tower(embed_dim, text_model="", context_length=77, vocab_size=494
     return _build_text_tower(embed_dim, text_cfg)
 
 
+class _GatherWithGrad(torch.autograd.Function):
+    """All ranks' rows concatenated; the backward sums every rank's gradient of this rank's rows."""
+
+    @staticmethod
+    def forward(ctx, features):
+        ctx.rank, ctx.rows = torch.distributed.get_rank(), features.shape[0]
+        parts = [torch.empty_like(features) for _ in range(torch.distributed.get_world_size())]
+        torch.distributed.all_gather(parts, features.contiguous())
+        return torch.cat(parts, dim=0)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous()
+        torch.distributed.all_reduce(grad)
+        return grad[ctx.rank * ctx.rows:(ctx.rank + 1) * ctx.rows]
+
+
 def _gather(features, world_size):
     """All ranks' features concatenated, differentiable (gradients flow back to their own rank)."""
-    if world_size == 1:
-        return features
-    import torch.distributed.nn.functional as dist_fn
-    return torch.cat(dist_fn.all_gather(features), dim=0)
+    return features if world_size == 1 else _GatherWithGrad.apply(features)
 
 
 class ClipLoss(nn.Module):

@@ -7,6 +7,10 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
+if not Path("/dev/nvidia0").exists():
+    # Triton's interpreter runs the real kernels on CPU tensors; it must be chosen before triton is imported,
+    # and any test may import it first (kernels.available_backends)
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 SHARED_DATA = ROOT.parent / "shared" / "data"
 
 

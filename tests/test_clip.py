@@ -54,6 +54,7 @@ for grad in grads:                                              # what DeepSpeed
 assert torch.allclose(loss, full_loss, atol=1e-6), (loss, full_loss)
 for a, b in zip(grads, full_grads):
     assert torch.allclose(a, b, atol=1e-6), (a, b)
+torch.distributed.destroy_process_group()
 print("ok", rank)
 """
 

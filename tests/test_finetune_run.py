@@ -134,3 +134,15 @@ def test_imagenet_sample_eval_with_1000_class_head(tmp_path, shared_data):
     assert {"top1", "top5"} <= set(results)
     assert 0.0 <= results["top1"] <= results["top5"] <= 100.0
     assert json.loads((tmp_path / "eval" / "results.json").read_text())["top5"] == results["top5"]
+
+
+def test_classification_on_cifar10_shards(tmp_path, shared_data):
+    train = shared_data / "cifar10" / "cifar10-train-{000000..000009}.tar.gz"
+    val = shared_data / "cifar10" / "cifar10-val-000000.tar.gz"
+    run_finetune.main(["--task", "classification", *FT_TINY, f"output_dir={tmp_path}", f"data.train_shards={train}",
+                       f"data.eval_shards={val}", "data.train_samples=50000", "data.eval_samples=5000",
+                       "data.num_classes=10", "data.batch_size=64", "train.max_steps=12", "data.num_workers=1"])
+    losses = read_losses(tmp_path)
+    assert sum(losses[s] for s in (10, 11, 12)) < sum(losses[s] for s in (1, 2, 3)), losses
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert 0 <= results["top1"] <= results["top5"] <= 100

@@ -116,12 +116,18 @@ def test_resized_checkpoint_loads_into_stride8(tmp_path):
 
 
 @pytest.mark.parametrize("name", sorted(EXPECTED))
-def test_forward_at_224(name):
+def test_forward_at_224_and_at_another_size(name):
     torch.manual_seed(0)
     model = timm.create_model(name).eval()
     with torch.no_grad():
         out = model(torch.randn(1, 3, 224, 224))
     assert out.shape == (1, 1000) and torch.isfinite(out).all()
+    small = timm.create_model(name, img_size=96, depth=2, num_classes=7).eval()
+    with torch.no_grad():
+        feats = small.forward_features(torch.randn(2, 3, 96, 96))
+    grid = (96 - 16) // small.patch_embed.proj.stride[0] + 1
+    assert feats.shape == (2, grid * grid + 1, small.embed_dim)
+    assert small.forward_head(feats).shape == (2, 7)
 
 
 def test_forward_other_size_gradients_and_grad_checkpointing():
