@@ -39,14 +39,26 @@ def _to_device(batch, device):
     return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
-def evaluate(module, data, dist, precision):
-    """Run module.evaluate_batch over one pass of `data`; returns {name: sum / count} over all ranks."""
+def evaluate(module, data, dist, precision, lockstep=False):
+    """Run module.evaluate_batch over one pass of `data`; returns {name: sum / count} over all ranks.
+
+    lockstep: every rank makes the same number of forward passes (ZeRO-3 gathers parameters in each one);
+    a rank that ran out of batches repeats its last one and discards the result.
+    """
     module.eval()
     sums = {}
     dtype = autocast_dtype(precision, dist.device)
+    data.set_epoch(0)
+    batches, last = iter(data.loader), None
     with torch.no_grad(), torch.autocast(dist.device.type, dtype=dtype, enabled=dtype is not None):
-        data.set_epoch(0)
-        for batch in data.loader:
+        while True:
+            batch = next(batches, None)
+            if lockstep and all_reduce_sum([float(batch is not None)], dist.device)[0] > 0 and batch is None:
+                module.evaluate_batch(_to_device(last, dist.device))
+                continue
+            if batch is None:
+                break
+            last = batch
             for name, (total, count) in module.evaluate_batch(_to_device(batch, dist.device)).items():
                 s, c = sums.get(name, (0.0, 0.0))
                 sums[name] = (s + float(total), c + float(count))
@@ -128,7 +140,7 @@ def train(cfg, module, data, dist, eval_data=None):
         nonlocal best
         if eval_data is None or not hasattr(module, "evaluate_batch"):
             return {}
-        metrics = evaluate(engine.module, eval_data, dist, tc.precision)
+        metrics = evaluate(engine.module, eval_data, dist, tc.precision, lockstep=engine.zero_optimization_stage() == 3)
         key = getattr(module, "best_metric", None)
         if key in metrics and (best is None or metrics[key] > best):
             best = metrics[key]

@@ -9,7 +9,7 @@ import models
 import run_finetune
 from engine.optim import build_param_groups
 from finetune import Classifier
-from helpers import TINY_MODEL, read_losses
+from helpers import TINY_MODEL, read_losses, run_ranks
 
 FT_TINY = TINY_MODEL + ["optim.lr=3e-3", "optim.warmup_steps=0", "optim.betas=[0.9,0.999]"]
 
@@ -146,3 +146,12 @@ def test_classification_on_cifar10_shards(tmp_path, shared_data):
     assert sum(losses[s] for s in (10, 11, 12)) < sum(losses[s] for s in (1, 2, 3)), losses
     results = json.loads((tmp_path / "results.json").read_text())
     assert 0 <= results["top1"] <= results["top5"] <= 100
+
+
+def test_two_gloo_ranks_zero3_with_evaluation(tmp_path, default_data_cache):
+    run_ranks(["run_finetune.py", *ft_args("classification", tmp_path, default_data_cache, "train.max_steps=3",
+                                           "deepspeed=configs/deepspeed/zero3.json")], world_size=2)
+    assert sorted(read_losses(tmp_path)) == [1, 2, 3]
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert 0 <= results["top1"] <= results["top5"] <= 100
+    assert (tmp_path / "encoder.safetensors").is_file()
