@@ -1,0 +1,842 @@
+"""Fused bidirectional selective scan (Vim v2 mixer) in Triton: forward, backward and the autograd Function.
+
+What is fused
+- Forward: ONE launch covers both directions. A program (one warp) owns (32 channels, batch row, token chunk) and
+  walks the chunk with two independent recurrences at once: the forward direction from the chunk's first token and
+  the backward direction from its last, each reading its inputs by index arithmetic (no flip copies). softplus(delta
+  + bias), exp(dt A), the D skip, the silu(z) gate and the average of the directions are fused: in the first half of
+  the walk each direction parks its y in an fp32 scratch row, in the second half it meets the other direction's parked
+  value and the program writes out = silu(z) (y_fwd + y_bwd) / 2 (and y_fwd + y_bwd in u's dtype, saved for dz).
+  State is fp32 in registers as an [N, channels] tile: channels over the 32 lanes, all N of a channel in one lane
+  (reductions over N stay in-thread; a token's loads are coalesced for token-major inputs). Any strides are accepted.
+  The loop is latency-bound, so the next token's loads are issued before this token's arithmetic.
+- Long sequences are cut into chunks processed in parallel (only as far as needed to fill the GPU twice, and never
+  below 256 tokens): `_fwd_chunk_state_kernel` scans each chunk from a zero state (end state, exp(A sum dt)),
+  `_chunk_combine_kernel` carries states across chunks, the main kernel starts from the carried state.
+- Backward (one direction per program): gradients of u, delta, A, B, C, D, z and delta_bias. It needs h_{t-1} while
+  walking t backwards; reversing the recurrence divides by exp(dt A) (unstable) and storing every h is an (E, N, L)
+  tensor, so states are recomputed: phase 1 keeps a checkpoint every CK tokens in a scratch buffer; each CK block is
+  then re-swept (also producing dC) into level-2 checkpoints every SEG tokens (a small scratch rewritten per block, so
+  it stays in L1/L2); each SEG segment is recomputed into registers (a constexpr-unrolled tuple) and walked backwards
+  with the adjoint v_t = C_t dy_t + exp(dt_{t+1} A) v_{t+1}. Chunk-boundary adjoints come from
+  `_bwd_chunk_state_kernel` + the combine kernel. The forward saves only y_fwd + y_bwd and, for chunked sequences,
+  the chunk start states (N x E per chunk).
+- dB and dC are sums over channels, i.e. across the 32 lanes, per token: a butterfly reduce-scatter (`_lane_sum`,
+  tl.split + a lane-xor tl.gather that compiles to one warp shuffle per register) costs N shuffles per tile instead
+  of 5 per value for a reduction tree.
+- Determinism: no atomics. Sums over channels (dB, dC) are written per channel block and summed with torch; sums over
+  batch and tokens (dA, dD, d delta_bias) are written per program and summed with torch.
+
+Known limits
+- N (state size) <= 32 (one butterfly level per lane bit); Vim uses N = 16.
+- fp32 arithmetic throughout; exp / log are the hardware exp2 / lg2 (about 2 ulp), as in CUDA selective-scan kernels.
+- Performance: bounded by latency of the per-token recurrence (one warp walks a whole chunk) and, in the backward,
+  by registers (about 250 per thread, 8 warps per SM) - see BENCHMARKS.md "Selective scan kernel".
+- Under TRITON_INTERPRET=1 it runs on CPU tensors (slowly): that is how the tests run without a GPU.
+"""
+import torch
+import triton
+import triton.language as tl
+
+from ._checks import check_scan_inputs
+
+__all__ = ["bidirectional_scan_triton", "BidirectionalScanFn"]
+
+LOG2E = tl.constexpr(1.4426950408889634)
+LN2 = tl.constexpr(0.6931471805599453)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# elementwise helpers (fp32)
+# ----------------------------------------------------------------------------------------------------------------------
+@triton.jit
+def _log(x, FAST: tl.constexpr):
+    if FAST:  # the hardware lg2 (tl.log is a ~25-instruction software log); not available to the interpreter
+        y = tl.inline_asm_elementwise("lg2.approx.f32 $0, $1;", "=f,f", [x], dtype=tl.float32, is_pure=True, pack=1)
+        return y * LN2
+    else:
+        return tl.log(x)
+
+
+@triton.jit
+def _softplus(x, FAST: tl.constexpr):
+    # torch's softplus: x above 20, else log1p(exp(x)); log1p by Kahan's trick log(w) * e / (w - 1), exact when w == 1
+    e = tl.exp2(tl.minimum(x, 20.0) * LOG2E)
+    w = 1.0 + e
+    den = tl.where(w == 1.0, 1.0, w - 1.0)
+    lp = tl.where(w == 1.0, e, _log(w, FAST) * (e / den))
+    return tl.where(x > 20.0, x, lp)
+
+
+@triton.jit
+def _exp2(x, FAST: tl.constexpr):
+    if FAST:  # not pure, so the compiler recomputes it instead of keeping SEG decay tiles alive in registers
+        return tl.inline_asm_elementwise("ex2.approx.ftz.f32 $0, $1;", "=f,f", [x], dtype=tl.float32, is_pure=False,
+                                         pack=1)
+    else:
+        return tl.exp2(x)
+
+
+@triton.jit
+def _sigmoid(x):
+    return 1.0 / (1.0 + tl.exp2(-x * LOG2E))
+
+
+@triton.jit
+def _cast(x, dtype: tl.constexpr, FAST: tl.constexpr):
+    """fp32 -> output dtype, rounding to nearest even. Triton's interpreter truncates to bf16, so without FAST (i.e.
+    under the interpreter) bf16 is rounded here by bit arithmetic; on the GPU the conversion instruction rounds."""
+    if not FAST:
+        if dtype == tl.bfloat16:
+            bits = x.to(tl.uint32, bitcast=True)
+            bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+            x = bits.to(tl.float32, bitcast=True)
+    return x.to(dtype)
+
+
+@triton.jit
+def _load_n(ptrs, mn, EVEN_N: tl.constexpr):
+    """A token's [N] vector (B or C, fp32): unmasked when N == BLOCK_N, so no register zeroing for masked lanes."""
+    if EVEN_N:
+        return tl.load(ptrs)
+    else:
+        return tl.load(ptrs, mask=mn, other=0.0)
+
+
+@triton.jit
+def _sum_rows(x, LOG_R: tl.constexpr):
+    """Sum of a [2**LOG_R, C] tile over its rows (registers) as a pairwise tree: LOG_R dependent adds, not R - 1."""
+    for _ in tl.static_range(LOG_R):
+        lo, hi = tl.split(tl.permute(tl.reshape(x, [2, x.shape[0] // 2, x.shape[1]]), (1, 2, 0)))
+        x = lo + hi
+    return tl.reshape(x, [x.shape[1]])
+
+
+@triton.jit
+def _add2(a0, b0, a1, b1):
+    return a0 + a1, b0 + b1
+
+
+@triton.jit
+def _fwd_load(u_ptrs, d_ptrs, B_ptrs, C_ptrs, me, mn, EVEN_N: tl.constexpr):
+    """One token's inputs of one direction (u, delta [BE] as fp32; B, C [BN])."""
+    u = tl.load(u_ptrs, mask=me, other=0.0).to(tl.float32)
+    x = tl.load(d_ptrs, mask=me, other=0.0).to(tl.float32)
+    return u, x, _load_n(B_ptrs, mn, EVEN_N), _load_n(C_ptrs, mn, EVEN_N)
+
+
+@triton.jit
+def _fwd_step(h, A2, Dv, bias, u, x, Bt, Ct, LOG_N: tl.constexpr, FAST: tl.constexpr):
+    """One token of one direction: h [BN, BE] fp32, returns (h, y [BE])."""
+    dt = _softplus(x + bias, FAST)
+    a = tl.exp2(dt[None, :] * A2)
+    h = a * h + (dt * u)[None, :] * Bt[:, None]
+    y = _sum_rows(h * Ct[:, None], LOG_N) + Dv * u
+    return h, y
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# forward, pass 1: per-chunk end state from a zero start (only for chunked sequences)
+# ----------------------------------------------------------------------------------------------------------------------
+@triton.jit(do_not_specialize=["zero"])
+def _fwd_chunk_state_kernel(
+    # pointers
+    u_ptr, dl_ptr, A_ptr, B_ptr, bias_ptr, hloc_ptr, P_ptr,
+    # dimensions
+    batch, E, L, N, chunk, nchunks,
+    # strides
+    su_d, su_b, su_e, su_l,
+    sd_d, sd_b, sd_e, sd_l,
+    sB_d, sB_b, sB_n, sB_l,
+    zero,
+    # meta-parameters
+    BLOCK_E: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_N: tl.constexpr, FAST: tl.constexpr,
+):
+    pid_e = tl.program_id(0)
+    b = tl.program_id(1)
+    pid2 = tl.program_id(2)
+    d = pid2 // (nchunks - 1)
+    c = pid2 % (nchunks - 1) + d            # direction 0 needs chunks 0..n-2, direction 1 needs 1..n-1
+    e = pid_e * BLOCK_E + tl.arange(0, BLOCK_E)
+    n = tl.arange(0, BLOCK_N)
+    me = e < E
+    mn = n < N
+    m2 = mn[:, None] & me[None, :]
+    b64 = b.to(tl.int64)
+    d64 = d.to(tl.int64)
+    t0 = c * chunk
+    T = tl.minimum(L - t0, chunk)
+    tbase = t0 + d * (T - 1)
+    tstep = 1 - 2 * d
+
+    ne_off = zero + n[:, None] * E + e[None, :]            # see _scan_fwd_kernel: [N, E] tiles, channels over lanes
+    A2 = tl.load(A_ptr + d64 * N * E + ne_off, mask=m2, other=0.0) * LOG2E
+    bias = tl.load(bias_ptr + d * E + e, mask=me, other=0.0)
+    u_p = u_ptr + d64 * su_d + b64 * su_b + e * su_e
+    d_p = dl_ptr + d64 * sd_d + b64 * sd_b + e * sd_e
+    B_p = B_ptr + d64 * sB_d + b64 * sB_b + n * sB_n
+
+    h = tl.zeros([BLOCK_N, BLOCK_E], tl.float32)
+    dtsum = tl.zeros([BLOCK_E], tl.float32)
+    u = tl.load(u_p + tbase * su_l, mask=me, other=0.0).to(tl.float32)
+    x = tl.load(d_p + tbase * sd_l, mask=me, other=0.0).to(tl.float32)
+    Bt = _load_n(B_p + tbase * sB_l, mn, EVEN_N)
+    for p in range(0, T):
+        tn = tbase + tl.minimum(p + 1, T - 1) * tstep     # next token's loads first (latency-bound loop)
+        un = tl.load(u_p + tn * su_l, mask=me, other=0.0).to(tl.float32)
+        xn = tl.load(d_p + tn * sd_l, mask=me, other=0.0).to(tl.float32)
+        Bn = _load_n(B_p + tn * sB_l, mn, EVEN_N)
+        dt = _softplus(x + bias, FAST)
+        dtsum += dt
+        h = tl.exp2(dt[None, :] * A2) * h + (dt * u)[None, :] * Bt[:, None]
+        u, x, Bt = un, xn, Bn
+    off = ((d64 * batch + b) * nchunks + c) * N * E + ne_off
+    tl.store(hloc_ptr + off, h, mask=m2)
+    tl.store(P_ptr + off, tl.exp2(dtsum[None, :] * A2), mask=m2)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# pass 2 (forward states and backward adjoints): X_in[first] = 0, X_in[next] = P[prev] * X_in[prev] + S[prev]
+# ----------------------------------------------------------------------------------------------------------------------
+@triton.jit
+def _chunk_combine_kernel(
+    # pointers
+    S_ptr, P_ptr, X_ptr,
+    # dimensions
+    batch, NE, nchunks,
+    # meta-parameters
+    REVERSE: tl.constexpr, BLOCK: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    b = tl.program_id(1)
+    d = tl.program_id(2)
+    f = pid * BLOCK + tl.arange(0, BLOCK)
+    m = f < NE
+    base = (d.to(tl.int64) * batch + b) * nchunks * NE + f
+    # processing order: ascending chunks for direction 0 (forward states), reversed for direction 1; REVERSE flips both
+    asc = (d == 0) != REVERSE
+    c = tl.where(asc, 0, nchunks - 1)
+    step = tl.where(asc, 1, -1)
+    X = tl.zeros([BLOCK], tl.float32)
+    tl.store(X_ptr + base + c * NE, X, mask=m)
+    for _ in range(1, nchunks):
+        X = tl.load(P_ptr + base + c * NE, mask=m, other=0.0) * X + tl.load(S_ptr + base + c * NE, mask=m, other=0.0)
+        c += step
+        tl.store(X_ptr + base + c * NE, X, mask=m)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# forward, main pass: both directions in one program, gate and average fused
+# ----------------------------------------------------------------------------------------------------------------------
+@triton.jit(do_not_specialize=["zero"])
+def _scan_fwd_kernel(
+    # pointers
+    u_ptr, dl_ptr, A_ptr, B_ptr, C_ptr, D_ptr, bias_ptr, z_ptr, hin_ptr, part_ptr, out_ptr, ysum_ptr,
+    # dimensions
+    batch, E, L, N, chunk, nchunks,
+    # strides
+    su_d, su_b, su_e, su_l,
+    sd_d, sd_b, sd_e, sd_l,
+    sB_d, sB_b, sB_n, sB_l,
+    sC_d, sC_b, sC_n, sC_l,
+    sz_b, sz_e, sz_l,
+    so_b, so_e, so_l,
+    zero,
+    # meta-parameters
+    BLOCK_E: tl.constexpr, BLOCK_N: tl.constexpr, LOG_N: tl.constexpr, HAS_CARRY: tl.constexpr,
+    SAVE_YSUM: tl.constexpr, EVEN_N: tl.constexpr, FAST: tl.constexpr,
+):
+    pid_e = tl.program_id(0)
+    b = tl.program_id(1)
+    c = tl.program_id(2)
+    e = pid_e * BLOCK_E + tl.arange(0, BLOCK_E)
+    n = tl.arange(0, BLOCK_N)
+    me = e < E
+    mn = n < N
+    m2 = mn[:, None] & me[None, :]
+    b64 = b.to(tl.int64)
+    t0 = c * chunk
+    T = tl.minimum(L - t0, chunk)
+
+    # Every [N, E] tile in memory (A, carried states) is addressed channels-contiguous plus `zero`, a runtime 0 the
+    # compiler cannot see: Triton's coalescing then orders channels first with one element per lane, i.e. the
+    # register layout this kernel is written for (channels over the 32 lanes, all N of a channel in one lane, so the
+    # N reductions stay inside a thread), whatever the Triton version's tie-breaking.
+    ne_off = zero + n[:, None] * E + e[None, :]
+    A0 = tl.load(A_ptr + ne_off, mask=m2, other=0.0) * LOG2E
+    A1 = tl.load(A_ptr + N * E + ne_off, mask=m2, other=0.0) * LOG2E
+    D0 = tl.load(D_ptr + e, mask=me, other=0.0)
+    D1 = tl.load(D_ptr + E + e, mask=me, other=0.0)
+    bias0 = tl.load(bias_ptr + e, mask=me, other=0.0)
+    bias1 = tl.load(bias_ptr + E + e, mask=me, other=0.0)
+    if HAS_CARRY:
+        h0 = tl.load(hin_ptr + (b64 * nchunks + c) * N * E + ne_off, mask=m2, other=0.0)
+        h1 = tl.load(hin_ptr + ((batch + b64) * nchunks + c) * N * E + ne_off, mask=m2, other=0.0)
+    else:
+        h0 = tl.zeros([BLOCK_N, BLOCK_E], tl.float32)
+        h1 = tl.zeros([BLOCK_N, BLOCK_E], tl.float32)
+
+    u0 = u_ptr + b64 * su_b + e * su_e
+    u1 = u0 + su_d
+    d0 = dl_ptr + b64 * sd_b + e * sd_e
+    d1 = d0 + sd_d
+    B0 = B_ptr + b64 * sB_b + n * sB_n
+    B1 = B0 + sB_d
+    C0 = C_ptr + b64 * sC_b + n * sC_n
+    C1 = C0 + sC_d
+    zr = z_ptr + b64 * sz_b + e * sz_e
+    o_off = b64 * so_b + e * so_e
+    pr = part_ptr + o_off
+    orow = out_ptr + o_off
+    yrow = ysum_ptr + o_off
+
+    # The recurrences are latency-bound (one warp walks all tokens): the loads of token s + 1 are issued before the
+    # arithmetic of token s (software prefetch into registers).
+    last = t0 + T - 1
+    ua, xa, Ba, Ca = _fwd_load(u0 + t0 * su_l, d0 + t0 * sd_l, B0 + t0 * sB_l, C0 + t0 * sC_l, me, mn, EVEN_N)
+    ub, xb, Bb, Cb = _fwd_load(u1 + last * su_l, d1 + last * sd_l, B1 + last * sB_l, C1 + last * sC_l, me, mn, EVEN_N)
+    # first half: each direction parks its y where the other direction will arrive later
+    half = T // 2
+    for s in range(0, half):
+        tf = t0 + s
+        tb = last - s
+        nf = tf + 1                                  # s + 1 < T here, always a real token
+        nb = tb - 1
+        una, xna, Bna, Cna = _fwd_load(u0 + nf * su_l, d0 + nf * sd_l, B0 + nf * sB_l, C0 + nf * sC_l, me, mn, EVEN_N)
+        unb, xnb, Bnb, Cnb = _fwd_load(u1 + nb * su_l, d1 + nb * sd_l, B1 + nb * sB_l, C1 + nb * sC_l, me, mn, EVEN_N)
+        h0, y0 = _fwd_step(h0, A0, D0, bias0, ua, xa, Ba, Ca, LOG_N, FAST)
+        h1, y1 = _fwd_step(h1, A1, D1, bias1, ub, xb, Bb, Cb, LOG_N, FAST)
+        tl.store(pr + tf * so_l, y0, mask=me)
+        tl.store(pr + tb * so_l, y1, mask=me)
+        ua, xa, Ba, Ca = una, xna, Bna, Cna
+        ub, xb, Bb, Cb = unb, xnb, Bnb, Cnb
+    # second half: meet the parked value, gate, average, write (the middle token of an odd chunk meets in registers)
+    for s in range(half, T):
+        tf = t0 + s
+        tb = last - s
+        nf = tl.minimum(tf + 1, last)                # past the end: reload the last token (unused)
+        nb = tl.maximum(tb - 1, t0)
+        una, xna, Bna, Cna = _fwd_load(u0 + nf * su_l, d0 + nf * sd_l, B0 + nf * sB_l, C0 + nf * sC_l, me, mn, EVEN_N)
+        unb, xnb, Bnb, Cnb = _fwd_load(u1 + nb * su_l, d1 + nb * sd_l, B1 + nb * sB_l, C1 + nb * sC_l, me, mn, EVEN_N)
+        mid = tf == tb
+        mo = me & (tf != tb)
+        p0 = tl.load(pr + tf * so_l, mask=mo, other=0.0)
+        p1 = tl.load(pr + tb * so_l, mask=mo, other=0.0)
+        zf = tl.load(zr + tf * sz_l, mask=me, other=0.0).to(tl.float32)
+        zb = tl.load(zr + tb * sz_l, mask=mo, other=0.0).to(tl.float32)
+        h0, y0 = _fwd_step(h0, A0, D0, bias0, ua, xa, Ba, Ca, LOG_N, FAST)
+        h1, y1 = _fwd_step(h1, A1, D1, bias1, ub, xb, Bb, Cb, LOG_N, FAST)
+        s0 = y0 + tl.where(mid, y1, p0)
+        s1 = y1 + p1
+        tl.store(orow + tf * so_l, _cast(zf * _sigmoid(zf) * s0 * 0.5, out_ptr.dtype.element_ty, FAST), mask=me)
+        tl.store(orow + tb * so_l, _cast(zb * _sigmoid(zb) * s1 * 0.5, out_ptr.dtype.element_ty, FAST), mask=mo)
+        if SAVE_YSUM:
+            tl.store(yrow + tf * so_l, _cast(s0, ysum_ptr.dtype.element_ty, FAST), mask=me)
+            tl.store(yrow + tb * so_l, _cast(s1, ysum_ptr.dtype.element_ty, FAST), mask=mo)
+        ua, xa, Ba, Ca = una, xna, Bna, Cna
+        ub, xb, Bb, Cb = unb, xnb, Bnb, Cnb
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# backward, pass 1: per-chunk adjoint carry from a zero end (only for chunked sequences)
+# M_t = exp(dt_t A) v_t with v_t = C_t dy_t + M_{t+1} (t in scan order); a chunk maps M_in -> R + P * M_in.
+# ----------------------------------------------------------------------------------------------------------------------
+@triton.jit(do_not_specialize=["zero"])
+def _bwd_chunk_state_kernel(
+    # pointers
+    dl_ptr, A_ptr, C_ptr, bias_ptr, z_ptr, dout_ptr, R_ptr, P_ptr,
+    # dimensions
+    batch, E, L, N, chunk, nchunks,
+    # strides
+    sd_d, sd_b, sd_e, sd_l,
+    sC_d, sC_b, sC_n, sC_l,
+    sz_b, sz_e, sz_l,
+    sg_b, sg_e, sg_l,
+    zero,
+    # meta-parameters
+    BLOCK_E: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_N: tl.constexpr, FAST: tl.constexpr,
+):
+    pid_e = tl.program_id(0)
+    b = tl.program_id(1)
+    pid2 = tl.program_id(2)
+    d = pid2 // (nchunks - 1)
+    c = pid2 % (nchunks - 1) + 1 - d        # direction 0 needs chunks 1..n-1, direction 1 needs 0..n-2
+    e = pid_e * BLOCK_E + tl.arange(0, BLOCK_E)
+    n = tl.arange(0, BLOCK_N)
+    me = e < E
+    mn = n < N
+    m2 = mn[:, None] & me[None, :]
+    b64 = b.to(tl.int64)
+    d64 = d.to(tl.int64)
+    t0 = c * chunk
+    T = tl.minimum(L - t0, chunk)
+    # reverse scan order: direction 0 walks its chunk from the last token, direction 1 from the first
+    tbase = t0 + (1 - d) * (T - 1)
+    tstep = 2 * d - 1
+
+    ne_off = zero + n[:, None] * E + e[None, :]            # see _scan_fwd_kernel: [N, E] tiles, channels over lanes
+    A2 = tl.load(A_ptr + d64 * E * N + ne_off, mask=m2, other=0.0) * LOG2E
+    bias = tl.load(bias_ptr + d * E + e, mask=me, other=0.0)
+    d_p = dl_ptr + d64 * sd_d + b64 * sd_b + e * sd_e
+    C_p = C_ptr + d64 * sC_d + b64 * sC_b + n * sC_n
+    z_p = z_ptr + b64 * sz_b + e * sz_e
+    g_p = dout_ptr + b64 * sg_b + e * sg_e
+
+    M = tl.zeros([BLOCK_N, BLOCK_E], tl.float32)
+    dtsum = tl.zeros([BLOCK_E], tl.float32)
+    x = tl.load(d_p + tbase * sd_l, mask=me, other=0.0).to(tl.float32)
+    zz = tl.load(z_p + tbase * sz_l, mask=me, other=0.0).to(tl.float32)
+    g = tl.load(g_p + tbase * sg_l, mask=me, other=0.0).to(tl.float32)
+    Ct = _load_n(C_p + tbase * sC_l, mn, EVEN_N)
+    for p in range(0, T):
+        tn = tbase + tl.minimum(p + 1, T - 1) * tstep     # next token's loads first (latency-bound loop)
+        xn = tl.load(d_p + tn * sd_l, mask=me, other=0.0).to(tl.float32)
+        zn = tl.load(z_p + tn * sz_l, mask=me, other=0.0).to(tl.float32)
+        gn = tl.load(g_p + tn * sg_l, mask=me, other=0.0).to(tl.float32)
+        Cn = _load_n(C_p + tn * sC_l, mn, EVEN_N)
+        dt = _softplus(x + bias, FAST)
+        dtsum += dt
+        dy = g * zz * _sigmoid(zz) * 0.5
+        M = tl.exp2(dt[None, :] * A2) * (Ct[:, None] * dy[None, :] + M)
+        x, zz, g, Ct = xn, zn, gn, Cn
+    off = ((d64 * batch + b) * nchunks + c) * N * E + ne_off
+    tl.store(R_ptr + off, M, mask=m2)
+    tl.store(P_ptr + off, tl.exp2(dtsum[None, :] * A2), mask=m2)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# backward, main pass (one direction per program, one warp, channels across the 32 lanes, all N in each lane)
+# ----------------------------------------------------------------------------------------------------------------------
+@triton.jit
+def _xor_lanes(x, lane, MASK: tl.constexpr):
+    """x[..., l] <- x[..., l ^ MASK] along the lane axis (compiles to one warp shuffle per register)."""
+    return tl.gather(x, tl.broadcast_to((lane ^ MASK)[None, :], x.shape), 1)
+
+
+@triton.jit
+def _lane_sum(x, lane, LOG_N: tl.constexpr):
+    """Butterfly reduce-scatter of one [2**LOG_N, 32] tile over the 32 lanes (LOG_N <= 5): lane l ends with the sum
+    of row `_lane_sum_index(l)`."""
+    r = x
+    for i in tl.static_range(LOG_N):
+        lo, hi = tl.split(tl.permute(tl.reshape(r, [2, r.shape[0] // 2, 32]), (1, 2, 0)))
+        upi = (lane & (16 >> i)) != 0
+        r = tl.where(upi[None, :], hi, lo) + _xor_lanes(tl.where(upi[None, :], lo, hi), lane, 16 >> i)
+    y = tl.reshape(r, [32])
+    for i in tl.static_range(LOG_N, 5):
+        y = y + tl.reshape(_xor_lanes(y[None, :], lane, 16 >> i), [32])
+    return y
+
+
+@triton.jit
+def _lane_sum_index(lane, LOG_N: tl.constexpr):
+    nidx = lane * 0
+    for i in tl.static_range(LOG_N):
+        nidx += tl.where((lane & (16 >> i)) != 0, 1 << (LOG_N - 1 - i), 0)
+    return nidx
+
+
+@triton.jit
+def _sweep(h, A2, bias, p_start, p_end, T, tbase, tstep, u_p, d_p, B_p, su_l, sd_l, sB_l, me, mn, ck, ck_off,
+           z_p, g_p, sz_l, sg_l, dC_p, mC, lane, NN,
+           EVERY: tl.constexpr, TILE: tl.constexpr, EVEN_N: tl.constexpr, FAST: tl.constexpr, WITH_DC: tl.constexpr,
+           LOG_N: tl.constexpr):
+    """Forward recurrence over scan positions [p_start, p_end), storing the state before every EVERY-th position
+    (counted from p_start) to ck; the loads of position p + 1 are issued before the arithmetic of p.
+    WITH_DC: also dC_t = sum over channels of h_t * dy_t (this block's partial, one row per lane)."""
+    t = tbase + p_start * tstep
+    u = tl.load(u_p + t * su_l, mask=me, other=0.0).to(tl.float32)
+    x = tl.load(d_p + t * sd_l, mask=me, other=0.0).to(tl.float32)
+    Bt = _load_n(B_p + t * sB_l, mn, EVEN_N)
+    for p in range(p_start, p_end):
+        if (p - p_start) % EVERY == 0:
+            tl.store(ck + ((p - p_start) // EVERY) * TILE + ck_off, h)
+        tn = tbase + tl.minimum(p + 1, T - 1) * tstep
+        un = tl.load(u_p + tn * su_l, mask=me, other=0.0).to(tl.float32)
+        xn = tl.load(d_p + tn * sd_l, mask=me, other=0.0).to(tl.float32)
+        Bn = _load_n(B_p + tn * sB_l, mn, EVEN_N)
+        dt = _softplus(x + bias, FAST)
+        h = tl.exp2(dt[None, :] * A2) * h + (dt * u)[None, :] * Bt[:, None]
+        if WITH_DC:
+            t = tbase + p * tstep
+            zz = tl.load(z_p + t * sz_l, mask=me, other=0.0).to(tl.float32)
+            g = tl.load(g_p + t * sg_l, mask=me, other=0.0).to(tl.float32)
+            dy = g * zz * _sigmoid(zz) * 0.5
+            tl.store(dC_p + t * NN, _lane_sum(h * dy[None, :], lane, LOG_N),
+                     mask=mC)
+        u, x, Bt = un, xn, Bn
+    return h
+
+
+@triton.jit(do_not_specialize=["zero"])
+def _scan_bwd_kernel(
+    # pointers: inputs
+    u_ptr, dl_ptr, A_ptr, B_ptr, C_ptr, D_ptr, bias_ptr, z_ptr, dout_ptr, ysum_ptr, hin_ptr, min_ptr, ck_ptr, ck2_ptr,
+    # pointers: outputs
+    du_ptr, ddl_ptr, dz_ptr, dB_ptr, dC_ptr, dA_ptr, dD_ptr, dbias_ptr,
+    # dimensions
+    batch, E, L, N, chunk, nchunks, nblk,
+    # strides
+    su_d, su_b, su_e, su_l,
+    sd_d, sd_b, sd_e, sd_l,
+    sB_d, sB_b, sB_n, sB_l,
+    sC_d, sC_b, sC_n, sC_l,
+    sz_b, sz_e, sz_l,
+    sg_b, sg_e, sg_l,
+    sy_b, sy_e, sy_l,
+    sgu_d, sgu_b, sgu_e, sgu_l,
+    sgd_d, sgd_b, sgd_e, sgd_l,
+    sgz_b, sgz_e, sgz_l,
+    zero,
+    # meta-parameters
+    BLOCK_N: tl.constexpr, LOG_N: tl.constexpr, CK: tl.constexpr, SEG: tl.constexpr, HAS_CARRY: tl.constexpr,
+    EVEN_N: tl.constexpr, FAST: tl.constexpr,
+):
+    BLOCK_E: tl.constexpr = 32
+    NSUB: tl.constexpr = (CK + SEG - 1) // SEG
+    TILE: tl.constexpr = BLOCK_E * BLOCK_N
+    pid_e = tl.program_id(0)
+    b = tl.program_id(1)
+    pid2 = tl.program_id(2)
+    n_eb = tl.num_programs(0)
+    d = pid2 // nchunks
+    c = pid2 % nchunks
+    lane = tl.arange(0, BLOCK_E)
+    e = pid_e * BLOCK_E + lane
+    n = tl.arange(0, BLOCK_N)
+    me = e < E
+    mn = n < N
+    m2 = mn[:, None] & me[None, :]
+    b64 = b.to(tl.int64)
+    d64 = d.to(tl.int64)
+    t0 = c * chunk
+    T = tl.minimum(L - t0, chunk)
+    tbase = t0 + d * (T - 1)                # token of scan position p is tbase + p * tstep
+    tstep = 1 - 2 * d
+
+    # [N, E] tiles in memory (A, carried states, checkpoints, dA) are addressed channels-contiguous plus `zero`, as
+    # in _scan_fwd_kernel, so every tile keeps the channels-over-lanes layout (the reduce-scatter relies on it).
+    ne_off = zero + n[:, None] * E + e[None, :]
+    A2 = tl.load(A_ptr + d64 * E * N + ne_off, mask=m2, other=0.0) * LOG2E
+    ck_off = zero + n[:, None] * BLOCK_E + lane[None, :]
+    Dv = tl.load(D_ptr + d * E + e, mask=me, other=0.0)
+    bias = tl.load(bias_ptr + d * E + e, mask=me, other=0.0)
+    cbase = ((d64 * batch + b) * nchunks + c) * N * E
+    if HAS_CARRY:
+        h = tl.load(hin_ptr + cbase + ne_off, mask=m2, other=0.0)
+        M = tl.load(min_ptr + cbase + ne_off, mask=m2, other=0.0)
+    else:
+        h = tl.zeros([BLOCK_N, BLOCK_E], tl.float32)
+        M = tl.zeros([BLOCK_N, BLOCK_E], tl.float32)
+
+    u_p = u_ptr + d64 * su_d + b64 * su_b + e * su_e
+    d_p = dl_ptr + d64 * sd_d + b64 * sd_b + e * sd_e
+    B_p = B_ptr + d64 * sB_d + b64 * sB_b + n * sB_n
+    C_p = C_ptr + d64 * sC_d + b64 * sC_b + n * sC_n
+    z_p = z_ptr + b64 * sz_b + e * sz_e
+    g_p = dout_ptr + b64 * sg_b + e * sg_e
+    y_p = ysum_ptr + b64 * sy_b + e * sy_e
+    gu_p = du_ptr + d64 * sgu_d + b64 * sgu_b + e * sgu_e
+    gd_p = ddl_ptr + d64 * sgd_d + b64 * sgd_b + e * sgd_e
+    gz_p = dz_ptr + b64 * sgz_b + e * sgz_e
+    # private scratch of this program: level-1 checkpoints (one per CK tokens) and level-2 (one per SEG tokens of the
+    # CK block being processed, rewritten for every block, so it stays in L1/L2)
+    prog = ((d64 * batch + b) * nchunks + c) * n_eb + pid_e
+    ck = ck_ptr + prog * nblk * TILE
+    ck2 = ck2_ptr + prog * NSUB * TILE
+
+    # dB / dC partial sums of this channel block go to (n_eb, 2, batch, L, N); after a reduce-scatter over the lanes,
+    # lane l holds row `_lane_sum_index(l)` (rows >= N are padding)
+    nidx = _lane_sum_index(lane, LOG_N)
+    part_off = ((pid_e.to(tl.int64) * 2 + d) * batch + b) * L * N + nidx
+    dB_p = dB_ptr + part_off
+    dC_p = dC_ptr + part_off
+    mBC = nidx < N
+
+    # phase 1: forward recurrence from the chunk's start state, a checkpoint before every CK tokens (next token's
+    # loads issued before this token's arithmetic, as in the forward kernel)
+    h = _sweep(h, A2, bias, 0, T, T, tbase, tstep, u_p, d_p, B_p, su_l, sd_l, sB_l, me, mn, ck, ck_off,
+               z_p, g_p, sz_l, sg_l, dC_p, mBC, lane, N, CK, TILE, EVEN_N, FAST, False, LOG_N)
+
+    # phase 2: CK blocks from the last; each is re-swept into level-2 checkpoints (producing dC on the way), then its
+    # SEG-token sub-blocks are recomputed into registers (the stash) and walked backwards (producing the rest)
+    dA_acc = tl.zeros([BLOCK_N, BLOCK_E], tl.float32)
+    dD_acc = tl.zeros([BLOCK_E], tl.float32)
+    db_acc = tl.zeros([BLOCK_E], tl.float32)
+    for jbr in range(0, nblk):
+        jb = nblk - 1 - jbr
+        pb = jb * CK
+        h = tl.load(ck + jb * TILE + ck_off)
+        h = _sweep(h, A2, bias, pb, tl.minimum(pb + CK, T), T, tbase, tstep, u_p, d_p, B_p, su_l, sd_l, sB_l, me, mn,
+                   ck2, ck_off, z_p, g_p, sz_l, sg_l, dC_p, mBC, lane, N, SEG, TILE, EVEN_N, FAST, True, LOG_N)
+        nsub = tl.cdiv(tl.minimum(CK, T - pb), SEG)
+        for jsr in range(0, nsub):
+            js = nsub - 1 - jsr
+            p0 = pb + js * SEG
+            h = tl.load(ck2 + js * TILE + ck_off)
+            ahs = ()
+            dts = ()
+            us = ()
+            for k in tl.static_range(SEG):
+                valid = p0 + k < T
+                mt = me & valid
+                # past the chunk end: read a valid token (no masks on the [N] loads) but use dt = 0, u = 0, so
+                # exp(dt A) = 1 and there is no input
+                t = tbase + tl.where(valid, p0 + k, 0) * tstep
+                u = tl.load(u_p + t * su_l, mask=mt, other=0.0).to(tl.float32)
+                x = tl.load(d_p + t * sd_l, mask=mt, other=0.0).to(tl.float32) + bias
+                Bt = _load_n(B_p + t * sB_l, mn, EVEN_N)
+                dt = tl.where(mt, _softplus(x, FAST), 0.0)
+                ah = _exp2(dt[None, :] * A2, FAST) * h
+                h = ah + (dt * u)[None, :] * Bt[:, None]
+                ahs = ahs + (ah,)
+                dts = dts + (dt,)
+                us = us + (u,)
+            for k in tl.static_range(SEG - 1, -1, -1):
+                valid = p0 + k < T
+                mt = me & valid
+                t = tbase + tl.where(valid, p0 + k, 0) * tstep
+                ah = ahs[k]
+                dt = dts[k]
+                u = us[k]
+                Bt = _load_n(B_p + t * sB_l, mn, EVEN_N)
+                Ct = _load_n(C_p + t * sC_l, mn, EVEN_N)
+                zz = tl.load(z_p + t * sz_l, mask=mt, other=0.0).to(tl.float32)
+                g = tl.load(g_p + t * sg_l, mask=mt, other=0.0).to(tl.float32)
+                sz = _sigmoid(zz)
+                dy = g * zz * sz * 0.5
+                dtu = dt * u
+                v = Ct[:, None] * dy[None, :] + M                       # dL/dh_t
+                q = v * ah                                               # v_t * exp(dt_t A) * h_{t-1}
+                vB, qA = tl.reduce((v * Bt[:, None], q * A2), 0, _add2)
+                # d softplus / dx = sigmoid(x) = 1 - exp(-dt)
+                ddl = tl.where(mt, (qA * LN2 + u * vB) * (1.0 - tl.exp2(-dt * LOG2E)), 0.0)
+                dA_acc += q * dt[None, :]
+                dD_acc += dy * u
+                db_acc += ddl
+                tl.store(gu_p + t * sgu_l, _cast(dt * vB + Dv * dy, du_ptr.dtype.element_ty, FAST), mask=mt)
+                tl.store(gd_p + t * sgd_l, _cast(ddl, ddl_ptr.dtype.element_ty, FAST), mask=mt)
+                if d == 0:
+                    ys = tl.load(y_p + t * sy_l, mask=mt, other=0.0).to(tl.float32)
+                    dz = g * ys * 0.5 * sz * (1.0 + zz * (1.0 - sz))
+                    tl.store(gz_p + t * sgz_l, _cast(dz, dz_ptr.dtype.element_ty, FAST), mask=mt)
+                tl.store(dB_p + t * N, _lane_sum(v * dtu[None, :], lane, LOG_N), mask=mBC & valid)
+                M = _exp2(dt[None, :] * A2, FAST) * v
+    # per-program partial sums over this chunk's tokens: (batch * nchunks, 2, N, E) and (batch * nchunks, 2, E)
+    row = (b64 * nchunks + c) * 2 + d
+    tl.store(dA_ptr + row * E * N + ne_off, dA_acc, mask=m2)
+    tl.store(dD_ptr + row * E + e, dD_acc, mask=me)
+    tl.store(dbias_ptr + row * E + e, db_acc, mask=me)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# launchers
+# ----------------------------------------------------------------------------------------------------------------------
+_FWD_WARPS = 1           # forward: warps of 32 channels per program
+_TARGET_PROGRAMS = None  # forward programs wanted before chunking stops (None: _WAVES full waves on this GPU)
+_WAVES = 2
+_MIN_CHUNK = 256         # shorter sequences are never cut: a cut costs an extra sweep over the chunk
+_FWD_MAXNREG = 168       # register cap of the forward kernel: 12 one-warp programs per SM (all of Vim-T 224 at once)
+_BWD_MAXNREG = None      # register cap of the backward kernel (None: the compiler's choice)
+_CK = 16                 # backward: tokens per level-1 checkpoint
+_SEG = 2                 # backward: tokens per level-2 checkpoint (the register stash holds SEG states)
+
+
+def _launch_opts(t, maxnreg):
+    """Register cap (ptxas maxrregcount) on the GPU; the interpreter takes no such option."""
+    return {"maxnreg": maxnreg} if (t.is_cuda and maxnreg) else {}
+
+
+def _wave(device):
+    """One-warp forward programs resident at once: SMs x warps per SM that the register cap allows."""
+    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
+    return sms * (65536 // (32 * (_FWD_MAXNREG or 255)))
+
+
+def _num_chunks(batch, E, L, chunk_size, device):
+    """Chunks per sequence. Sequences are cut only as far as needed to give every resident warp a program, since
+    each chunk boundary costs an extra pass over the chunk (its end state) in both forward and backward."""
+    if chunk_size is not None:
+        return triton.cdiv(L, max(int(chunk_size), 1))
+    programs = batch * triton.cdiv(E, 32 * _FWD_WARPS)
+    target = _TARGET_PROGRAMS or _WAVES * _wave(device)
+    return max(1, min(target // programs, L // _MIN_CHUNK))
+
+
+def _token_major(t):
+    """True when the channel dimension (-2) is the contiguous one, i.e. the tensor is a token-major view."""
+    return t.stride(-2) == 1 and t.stride(-1) != 1
+
+
+def _empty_like_layout(ref, shape, dtype):
+    """(.., E, L) buffer laid out like `ref`: token-major when ref is, else contiguous."""
+    if _token_major(ref):
+        return torch.empty(shape[:-2] + (shape[-1], shape[-2]), dtype=dtype, device=ref.device).transpose(-1, -2)
+    return torch.empty(shape, dtype=dtype, device=ref.device)
+
+
+def _bc_token_major(t):
+    """B, C as fp32 (2, batch, N, L) views with N contiguous: a token's N values are one vector load and need no
+    conversion in every lane (a small copy: B and C are 1/E of u's size)."""
+    if t.dtype == torch.float32 and t.stride(-2) == 1:
+        return t
+    return t.transpose(-1, -2).float().contiguous().transpose(-1, -2)
+
+
+def _prep(u, delta, A, B, C, D, z, delta_bias):
+    K, batch, E, L, N = check_scan_inputs(u, delta, A, B, C, D, z, delta_bias)
+    if K != 2:
+        raise ValueError(f"bidirectional scan needs 2 directions, got {K}")
+    if N > 32:
+        raise ValueError(f"the Triton scan supports a state size N <= 32, got {N}")
+    A = A.float().transpose(1, 2).contiguous()  # (2, N, E): the kernels' [N, E] tiles are channels-contiguous
+    D = D.float().contiguous()
+    delta_bias = delta_bias.float().contiguous()
+    return batch, E, L, N, A, D, delta_bias, _bc_token_major(B), _bc_token_major(C)
+
+
+def _device_ctx(t):
+    return torch.cuda.device(t.device) if t.is_cuda else _NullCtx()
+
+
+class _NullCtx:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *args):
+        return False
+
+
+def _scan_fwd(u, delta, A, B, C, D, z, delta_bias, chunk_size=None, save=False):
+    """Returns out (batch, E, L) in u's dtype, and when `save`: ysum (y_fwd + y_bwd, u's dtype), chunk start states."""
+    batch, E, L, N, A, D, delta_bias, B, C = _prep(u, delta, A, B, C, D, z, delta_bias)
+    dev = u.device
+    nchunks = _num_chunks(batch, E, L, chunk_size, u.device)
+    chunk = triton.cdiv(L, nchunks)
+    nchunks = triton.cdiv(L, chunk)
+    BLOCK_E = 32 * _FWD_WARPS
+    BLOCK_N = triton.next_power_of_2(N)
+    n_eb = triton.cdiv(E, BLOCK_E)
+    out = _empty_like_layout(u, (batch, E, L), u.dtype)
+    part = _empty_like_layout(u, (batch, E, L), torch.float32)
+    ysum = _empty_like_layout(u, (batch, E, L), u.dtype) if save else out
+    hin = None
+    with _device_ctx(u):
+        if nchunks > 1:
+            hloc = torch.empty((2, batch, nchunks, N, E), dtype=torch.float32, device=dev)
+            P = torch.empty_like(hloc)
+            _fwd_chunk_state_kernel[(n_eb, batch, 2 * (nchunks - 1))](
+                u, delta, A, B, delta_bias, hloc, P,
+                batch, E, L, N, chunk, nchunks,
+                *u.stride(), *delta.stride(), *B.stride(), 0,
+                BLOCK_E=BLOCK_E, BLOCK_N=BLOCK_N, EVEN_N=BLOCK_N == N, FAST=u.is_cuda, num_warps=_FWD_WARPS,
+            )
+            hin = torch.empty_like(hloc)
+            _combine(hloc, P, hin, batch, N * E, nchunks, reverse=False)
+        _scan_fwd_kernel[(n_eb, batch, nchunks)](
+            u, delta, A, B, C, D, delta_bias, z, hin if hin is not None else part, part, out, ysum,
+            batch, E, L, N, chunk, nchunks,
+            *u.stride(), *delta.stride(), *B.stride(), *C.stride(), *z.stride(), *out.stride(), 0,
+            BLOCK_E=BLOCK_E, BLOCK_N=BLOCK_N, LOG_N=BLOCK_N.bit_length() - 1, HAS_CARRY=nchunks > 1, SAVE_YSUM=save,
+            EVEN_N=BLOCK_N == N, FAST=u.is_cuda,
+            num_warps=_FWD_WARPS, **_launch_opts(u, _FWD_MAXNREG),
+        )
+    return out, (ysum if save else None), hin, chunk
+
+
+def _combine(S, P, X, batch, NE, nchunks, reverse):
+    BLOCK = 256
+    _chunk_combine_kernel[(triton.cdiv(NE, BLOCK), batch, 2)](S, P, X, batch, NE, nchunks, REVERSE=reverse, BLOCK=BLOCK)
+
+
+def _scan_bwd(dout, u, delta, A, B, C, D, z, delta_bias, ysum, hin, chunk, seg=None):
+    batch, E, L, N, A, D, delta_bias, B, C = _prep(u, delta, A, B, C, D, z, delta_bias)
+    dev = u.device
+    nchunks = triton.cdiv(L, chunk)
+    SEG = seg or _SEG
+    CK = _CK
+    BLOCK_E = 32
+    BLOCK_N = triton.next_power_of_2(N)
+    n_eb = triton.cdiv(E, BLOCK_E)
+    nblk = triton.cdiv(chunk, CK)
+    if dout.stride(-1) != 1 and not _token_major(dout):
+        dout = dout.contiguous()
+    f32 = torch.float32
+    Min = None
+    with _device_ctx(u):
+        if nchunks > 1:
+            R = torch.empty((2, batch, nchunks, N, E), dtype=f32, device=dev)
+            P = torch.empty_like(R)
+            _bwd_chunk_state_kernel[(triton.cdiv(E, 32), batch, 2 * (nchunks - 1))](
+                delta, A, C, delta_bias, z, dout, R, P,
+                batch, E, L, N, chunk, nchunks,
+                *delta.stride(), *C.stride(), *z.stride(), *dout.stride(), 0,
+                BLOCK_E=32, BLOCK_N=BLOCK_N, EVEN_N=BLOCK_N == N, FAST=u.is_cuda, num_warps=1,
+            )
+            Min = torch.empty_like(R)
+            _combine(R, P, Min, batch, N * E, nchunks, reverse=True)
+        du = _empty_like_layout(u, tuple(u.shape), u.dtype)
+        ddelta = _empty_like_layout(delta, tuple(delta.shape), delta.dtype)
+        dz = _empty_like_layout(z, tuple(z.shape), z.dtype)
+        dB_part = torch.empty((n_eb, 2, batch, L, N), dtype=f32, device=dev)
+        dC_part = torch.empty_like(dB_part)
+        dA_part = torch.empty((batch * nchunks, 2, N, E), dtype=f32, device=dev)
+        dD_part = torch.empty((batch * nchunks, 2, E), dtype=f32, device=dev)
+        db_part = torch.empty_like(dD_part)
+        nprog = 2 * batch * nchunks * n_eb
+        ck = torch.empty((nprog * nblk, BLOCK_E * BLOCK_N), dtype=f32, device=dev)
+        ck2 = torch.empty((nprog * triton.cdiv(CK, SEG), BLOCK_E * BLOCK_N), dtype=f32, device=dev)
+        _scan_bwd_kernel[(n_eb, batch, 2 * nchunks)](
+            u, delta, A, B, C, D, delta_bias, z, dout, ysum,
+            hin if hin is not None else ck, Min if Min is not None else ck, ck, ck2,
+            du, ddelta, dz, dB_part, dC_part, dA_part, dD_part, db_part,
+            batch, E, L, N, chunk, nchunks, nblk,
+            *u.stride(), *delta.stride(), *B.stride(), *C.stride(), *z.stride(), *dout.stride(), *ysum.stride(),
+            *du.stride(), *ddelta.stride(), *dz.stride(),
+            0,
+            BLOCK_N=BLOCK_N, LOG_N=BLOCK_N.bit_length() - 1, CK=CK, SEG=SEG, HAS_CARRY=nchunks > 1,
+            EVEN_N=BLOCK_N == N, FAST=u.is_cuda, num_warps=1, **_launch_opts(u, _BWD_MAXNREG),
+        )
+    dB = dB_part.sum(0).transpose(-1, -2)
+    dC = dC_part.sum(0).transpose(-1, -2)
+    return du, ddelta, dA_part.sum(0).transpose(1, 2), dB, dC, dD_part.sum(0), dz, db_part.sum(0)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# autograd
+# ----------------------------------------------------------------------------------------------------------------------
+class BidirectionalScanFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, chunk_size=None, seg=None):
+        out, ysum, hin, chunk = _scan_fwd(u, delta, A, B, C, D, z, delta_bias, chunk_size, save=True)
+        ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, ysum, hin)
+        ctx.chunk = chunk
+        ctx.seg = seg
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        u, delta, A, B, C, D, z, delta_bias, ysum, hin = ctx.saved_tensors
+        du, ddelta, dA, dB, dC, dD, dz, dbias = _scan_bwd(
+            dout, u, delta, A, B, C, D, z, delta_bias, ysum, hin, ctx.chunk, ctx.seg)
+        return (du, ddelta, dA.to(A.dtype), dB.to(B.dtype), dC.to(C.dtype), dD.to(D.dtype), dz,
+                dbias.to(delta_bias.dtype), None, None)
+
+
+def bidirectional_scan_triton(u, delta, A, B, C, D, z, delta_bias, chunk_size=None, seg=None):
+    """Fused bidirectional selective scan; same contract as `kernels.bidirectional_scan`.
+
+    Args:
+        u, delta: (2, batch, E, L), index 0 forward, 1 backward, both in original token order; any strides
+            (token-major views, channels contiguous, are the fast layout).
+        A: (2, E, N); B, C: (2, batch, N, L); D, delta_bias: (2, E); z: (batch, E, L).
+        chunk_size: tokens per chunk (None: chosen from the shape); tests use small values to cross chunk borders.
+        seg: backward checkpoint interval in tokens (None: default 8).
+    Returns:
+        (batch, E, L) in u's dtype: silu(z) * (y_fwd + y_bwd) / 2.
+    """
+    needs_grad = torch.is_grad_enabled() and any(
+        t.requires_grad for t in (u, delta, A, B, C, D, z, delta_bias))
+    if needs_grad:
+        return BidirectionalScanFn.apply(u, delta, A, B, C, D, z, delta_bias, chunk_size, seg)
+    return _scan_fwd(u, delta, A, B, C, D, z, delta_bias, chunk_size, save=False)[0]
