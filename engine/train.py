@@ -12,6 +12,7 @@ hooks it may define:
 import contextlib
 import json
 import math
+import signal
 import time
 from pathlib import Path
 
@@ -116,6 +117,9 @@ def train(cfg, module, data, dist, eval_data=None):
     elif dist.is_main and (out / "metrics.jsonl").exists():
         (out / "metrics.jsonl").unlink()
 
+    # SIGTERM (a scheduler's pre-emption, `timeout`) ends the run at the next step with a checkpoint and an export
+    terminated = []
+    previous_handler = signal.signal(signal.SIGTERM, lambda signum, frame: terminated.append(signum))
     logger = RunLogger(out, dist.is_main, stop_step, initial_step=step)
     dtype = autocast_dtype(tc.precision, dist.device)
     bad_in_row = bad_total = 0
@@ -196,15 +200,22 @@ def train(cfg, module, data, dist, eval_data=None):
                     checkpoint_now()
                 if step >= stop_step:
                     break  # mid-epoch: the final checkpoint records the data position
+                if all_reduce_sum([float(bool(terminated))], dist.device)[0] > 0:
+                    if dist.is_main:
+                        print(f"terminated at step {step}: saving a checkpoint and the export", flush=True)
+                    break
             t_data = time.time()
         else:
             epoch += 1
             if tc.eval_every > 0 and epoch % tc.eval_every == 0 and epoch < tc.epochs:
                 run_eval()
+            continue
+        break
     final_eval = run_eval()
     checkpoint_now()
     _export(engine, module, out / "encoder.safetensors", dist)
-    results = {"step": step, "epoch": epoch, **final_eval}
+    signal.signal(signal.SIGTERM, previous_handler)
+    results = {"step": step, "epoch": epoch, "interrupted": bool(terminated), **final_eval}
     if best is not None:
         results["best"] = best
     if dist.is_main:

@@ -79,3 +79,26 @@ def test_two_gloo_ranks_zero2(tmp_path, default_data_cache):
     losses = read_losses(tmp_path)
     assert sorted(losses) == [1, 2, 3, 4] and all(torch.isfinite(torch.tensor(v)) for v in losses.values())
     assert (tmp_path / "encoder.safetensors").is_file()
+
+
+def test_sigterm_saves_a_checkpoint_and_the_export(tmp_path, default_data_cache):
+    import signal
+    import subprocess
+    import sys
+    import time
+    from helpers import ROOT
+    import os
+    # a fresh single process: none of the rendezvous variables this pytest process may have set
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    proc = subprocess.Popen([sys.executable, "run_pretrain.py", *mae_args(tmp_path, default_data_cache, "train.epochs=50")],
+                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 240
+    while not (tmp_path / "metrics.jsonl").exists() and time.time() < deadline:
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    out = proc.communicate(timeout=240)[0]
+    assert proc.returncode == 0, out[-3000:]
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["interrupted"] is True and results["step"] >= 1
+    assert latest_checkpoint(tmp_path).name == f"step_{results['step']:08d}"
+    assert (tmp_path / "encoder.safetensors").is_file()
