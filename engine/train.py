@@ -119,7 +119,13 @@ def train(cfg, module, data, dist, eval_data=None):
 
     # SIGTERM (a scheduler's pre-emption, `timeout`) ends the run at the next step with a checkpoint and an export
     terminated = []
-    previous_handler = signal.signal(signal.SIGTERM, lambda signum, frame: terminated.append(signum))
+
+    def on_sigterm(signum, frame):
+        terminated.append(signum)
+        # the DataLoader workers of our process group die of the same signal: their exit must not raise here
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+
+    previous_handler = signal.signal(signal.SIGTERM, on_sigterm)
     logger = RunLogger(out, dist.is_main, stop_step, initial_step=step)
     dtype = autocast_dtype(tc.precision, dist.device)
     bad_in_row = bad_total = 0
@@ -157,7 +163,7 @@ def train(cfg, module, data, dist, eval_data=None):
         data.set_epoch(epoch)
         micro = 0
         t_data = time.time()
-        for batch in data.loader:
+        for batch in _batches(data.loader, terminated):
             window["data_time"] += time.time() - t_data
             if micro % tc.grad_accum == 0:
                 scheduler.step_update(step)
@@ -206,12 +212,14 @@ def train(cfg, module, data, dist, eval_data=None):
                     break
             t_data = time.time()
         else:
+            if terminated:
+                break  # the loader's workers were terminated with us
             epoch += 1
             if tc.eval_every > 0 and epoch % tc.eval_every == 0 and epoch < tc.epochs:
                 run_eval()
             continue
         break
-    final_eval = run_eval()
+    final_eval = run_eval() if not terminated else {}
     checkpoint_now()
     _export(engine, module, out / "encoder.safetensors", dist)
     signal.signal(signal.SIGTERM, previous_handler)
@@ -222,6 +230,20 @@ def train(cfg, module, data, dist, eval_data=None):
         (out / "results.json").write_text(json.dumps(results, indent=2))
     logger.close()
     return results
+
+
+def _batches(loader, terminated):
+    """The loader's batches; after SIGTERM, a loader whose workers were killed with us ends quietly."""
+    batches = iter(loader)
+    while True:
+        try:
+            yield next(batches)
+        except StopIteration:
+            return
+        except RuntimeError:
+            if terminated:
+                return
+            raise
 
 
 def _window_record(window, extra_metrics, data, dist, optimizer, epoch, global_batch, bad_total):

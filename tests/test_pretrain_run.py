@@ -90,12 +90,13 @@ def test_sigterm_saves_a_checkpoint_and_the_export(tmp_path, default_data_cache)
     import os
     # a fresh single process: none of the rendezvous variables this pytest process may have set
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
-    proc = subprocess.Popen([sys.executable, "run_pretrain.py", *mae_args(tmp_path, default_data_cache, "train.epochs=50")],
-                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    args = mae_args(tmp_path, default_data_cache, "train.epochs=50", "data.num_workers=2")
+    proc = subprocess.Popen([sys.executable, "run_pretrain.py", *args], cwd=ROOT, env=env, start_new_session=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.time() + 240
     while not (tmp_path / "metrics.jsonl").exists() and time.time() < deadline:
         time.sleep(0.5)
-    proc.send_signal(signal.SIGTERM)
+    os.killpg(proc.pid, signal.SIGTERM)   # the whole group, DataLoader workers included, as `timeout` and schedulers do
     out = proc.communicate(timeout=240)[0]
     assert proc.returncode == 0, out[-3000:]
     results = json.loads((tmp_path / "results.json").read_text())
