@@ -1,7 +1,6 @@
 """What both entry points do before training: parse the command line, join the process group, seed,
 and turn the data section of the config into loaders."""
 import argparse
-from pathlib import Path
 
 import data
 from .config import load_config
@@ -67,7 +66,3 @@ def build_data(cfg, dist, fields, train_transform, eval_transform=None, text_tra
 def model_config(cfg, **overrides):
     """{"name", "kwargs"}: what rebuilds the model with timm.create_model, stored with every export."""
     return {"name": cfg.model.name, "kwargs": {**cfg.model.kwargs(), **overrides}}
-
-
-def output_path(cfg, name):
-    return Path(cfg.output_dir) / name

@@ -4,6 +4,7 @@ The trained module is an nn.Module whose forward(batch) returns (loss, {name: sc
 hooks it may define:
     evaluate_batch(batch) -> {name: (sum, count)}   evaluation, reduced over batches and ranks
     best_metric: str                                  an evaluate_batch key whose maximum is tracked
+    plot_keys: tuple                                  metrics drawn in loss_curve.png beside loss and lr
     on_step_end()                                     after each optimizer step (clamps, EMA updates)
     visualize(path)                                   at each checkpoint, on every rank (path None off rank 0)
     export_state() -> (state_dict, model_config)      the encoder written at the end as safetensors
