@@ -6,6 +6,8 @@ as the latest. Resume picks the newest folder that has COMPLETE.
 """
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import torch
@@ -22,7 +24,7 @@ def complete_checkpoints(output_dir):
     root = checkpoint_root(output_dir)
     if not root.is_dir():
         return []
-    return sorted(p for p in root.glob("step_*") if (p / COMPLETE).is_file())
+    return sorted(p for p in root.glob("step_*") if (p / COMPLETE).is_file() and not p.name.endswith("_universal"))
 
 
 def latest_checkpoint(output_dir):
@@ -50,11 +52,31 @@ def save_checkpoint(engine, output_dir, step, client_state, keep, is_main):
     torch.distributed.barrier()
     folder = root / tag
     if is_main:
-        (folder / COMPLETE).write_text(json.dumps({"step": step}))
+        world_size = torch.distributed.get_world_size()
+        (folder / COMPLETE).write_text(json.dumps({"step": step, "world_size": world_size}))
         for old in complete_checkpoints(output_dir)[:-keep] if keep > 0 else []:
             shutil.rmtree(old, ignore_errors=True)
+            shutil.rmtree(str(old) + "_universal", ignore_errors=True)
     torch.distributed.barrier()
     return folder
+
+
+def saved_world_size(folder):
+    """The number of ranks that wrote a complete checkpoint (None for checkpoints that do not say)."""
+    return json.loads((Path(folder) / COMPLETE).read_text()).get("world_size")
+
+
+def to_universal(folder, is_main):
+    """DeepSpeed's universal form of a checkpoint (written once, beside it): what a run on another number of
+    ranks loads, since ZeRO's optimizer partitions are laid out per rank. Returns its folder."""
+    target = Path(str(folder) + "_universal")
+    if is_main and not (target / COMPLETE).is_file():
+        subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(folder),
+                        "--output_folder", str(target), "--inject_missing_state", "--num_extract_workers", "1",
+                        "--num_merge_workers", "1"], check=True, stdout=subprocess.DEVNULL)
+        (target / COMPLETE).write_text((Path(folder) / COMPLETE).read_text())
+    torch.distributed.barrier()
+    return target
 
 
 def load_checkpoint(engine, folder):

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import export_encoder, load_checkpoint, resolve_resume, save_checkpoint
+from .checkpoint import export_encoder, load_checkpoint, resolve_resume, save_checkpoint, saved_world_size, to_universal
 from .config import config_to_dict, save_config
 from .deepspeed_setup import gathered_parameters, initialize_engine, load_deepspeed_config
 from .distributed import all_gather_object, all_reduce_sum, rng_state, set_rng_state
@@ -87,6 +87,11 @@ def train(cfg, module, data, dist, eval_data=None):
     optimizer = build_optimizer(cfg.optim, build_param_groups(module, cfg.optim.weight_decay, cfg.optim.layer_decay),
                                 lr, dist.device)
     ds_config = load_deepspeed_config(cfg.deepspeed, cfg.data.batch_size, tc.grad_accum, tc.clip_grad)
+    resume_from = resolve_resume(tc.resume, out)
+    if resume_from is not None and saved_world_size(resume_from) not in (None, dist.world_size):
+        # saved on another number of ranks: load DeepSpeed's universal form of it
+        resume_from = to_universal(resume_from, dist.is_main)
+        ds_config["checkpoint"] = {"load_universal": True}
     engine, optimizer = initialize_engine(module, optimizer, ds_config)
     steps_per_epoch = data.steps_per_epoch // tc.grad_accum
     if steps_per_epoch < 1:
@@ -101,15 +106,14 @@ def train(cfg, module, data, dist, eval_data=None):
               f"{n_params / 1e6:.2f}M trainable parameters", flush=True)
 
     step, epoch, best = 0, 0, None
-    resume_from = resolve_resume(tc.resume, out)
     if resume_from is not None:
         state = load_checkpoint(engine, resume_from)
         step, epoch, best = state["step"], state["epoch"], state.get("best")
         if state["world_size"] == dist.world_size:
             set_rng_state(state["rng"][dist.rank])
             data.load_state_dict(state["data"][dist.rank])
-        else:
-            data.load_state_dict({k: v for k, v in state["data"][0].items() if k in ("epoch", "batches_done")})
+        else:  # another split of the stream: the data restarts the checkpoint's epoch (it warns)
+            data.load_state_dict(state["data"][0])
         if hasattr(module, "load_extra_state") and state.get("extra") is not None:
             module.load_extra_state(state["extra"])
         if dist.is_main:

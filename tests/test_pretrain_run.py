@@ -104,3 +104,17 @@ def test_sigterm_saves_a_checkpoint_and_the_export(tmp_path, default_data_cache)
     assert results["interrupted"] is True and results["step"] >= 1
     assert latest_checkpoint(tmp_path).name == f"step_{results['step']:08d}"
     assert (tmp_path / "encoder.safetensors").is_file()
+
+
+@pytest.mark.parametrize("zero", [2, 3])
+def test_checkpoint_of_four_ranks_resumes_on_two_and_on_one(tmp_path, default_data_cache, zero):
+    args = ["run_pretrain.py", *mae_args(tmp_path, default_data_cache, "data.batch_size=8",
+                                        f"deepspeed=configs/deepspeed/zero{zero}.json")]
+    run_ranks([*args, "train.max_steps=3"], world_size=4)
+    run_ranks([*args, "train.max_steps=5"], world_size=2)   # through DeepSpeed's universal checkpoint
+    outputs = run_ranks([*args, "train.max_steps=7"], world_size=1)
+    assert "resumed from" in outputs[0] and "step_00000005_universal" in outputs[0]
+    losses = read_losses(tmp_path)
+    assert sorted(losses) == list(range(1, 8))
+    assert all(abs(v) < 10 for v in losses.values())
+    assert latest_checkpoint(tmp_path).name == "step_00000007"
