@@ -79,7 +79,7 @@ class TrainConfig:
     resume: str = "auto"            # auto | none | a checkpoint folder
     log_every: int = 10
     eval_every: int = 1             # evaluate every N epochs (0 = at the end only)
-    precision: str = "bf16"         # bf16 | fp16 | fp32: autocast dtype; parameters stay fp32
+    precision: str = "auto"         # auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp32: autocast; parameters stay fp32
     grad_accum: int = 1
     clip_grad: float = 1.0          # max gradient norm (0 = off)
     max_bad_steps: int = 5          # non-finite losses in a row before the run stops

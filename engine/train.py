@@ -32,9 +32,12 @@ class NonFiniteLossError(RuntimeError):
 
 
 def autocast_dtype(precision, device):
+    """The autocast dtype of train.precision (None = no autocast)."""
     if precision == "auto":
         return torch.bfloat16 if device.type == "cuda" else None
-    return {"bf16": torch.bfloat16, "fp32": None}[precision]
+    if precision not in ("bf16", "fp32"):
+        raise ValueError(f"train.precision must be auto, bf16 or fp32, got {precision!r}")
+    return torch.bfloat16 if precision == "bf16" else None
 
 
 def _to_device(batch, device):
