@@ -118,3 +118,13 @@ def test_checkpoint_of_four_ranks_resumes_on_two_and_on_one(tmp_path, default_da
     assert sorted(losses) == list(range(1, 8))
     assert all(abs(v) < 10 for v in losses.values())
     assert latest_checkpoint(tmp_path).name == "step_00000007"
+
+
+def test_gradient_accumulation_counts_optimizer_steps(tmp_path, default_data_cache, capsys):
+    run_pretrain.main(mae_args(tmp_path, default_data_cache, "train.grad_accum=2", "train.max_steps=3",
+                               "train.epochs=2"))
+    out = capsys.readouterr().out
+    assert "global batch 32 (1 ranks x 16 x 2 accum)" in out
+    assert "156 steps/epoch" in out   # 5,000 samples: 312 micro-batches of 16, two per optimizer step
+    assert sorted(read_losses(tmp_path)) == [1, 2, 3]
+    assert latest_checkpoint(tmp_path).name == "step_00000003"
