@@ -181,7 +181,10 @@ def train(cfg, module, data, dist, eval_data=None):
                 loss, metrics = engine(batch)
             # loss.item() syncs with the device; the NaN guard needs the value on the host anyway
             loss_value = loss.item()
-            if all_reduce_sum([float(not math.isfinite(loss_value))], dist.device)[0] > 0:
+            # one collective per micro-step: do all ranks have a finite loss, has any rank been sent SIGTERM
+            non_finite, stop_votes = all_reduce_sum([float(not math.isfinite(loss_value)), float(bool(terminated))],
+                                                    dist.device)
+            if non_finite > 0:
                 bad_in_row, bad_total = bad_in_row + 1, bad_total + 1
                 if dist.is_main:
                     print(f"non-finite loss at step {step}: batch skipped ({bad_in_row} in a row)", flush=True)
@@ -214,7 +217,7 @@ def train(cfg, module, data, dist, eval_data=None):
                     checkpoint_now()
                 if step >= stop_step:
                     break  # mid-epoch: the final checkpoint records the data position
-                if all_reduce_sum([float(bool(terminated))], dist.device)[0] > 0:
+                if stop_votes > 0:
                     if dist.is_main:
                         print(f"terminated at step {step}: saving a checkpoint and the export", flush=True)
                     break

@@ -36,7 +36,7 @@ def test_classification_with_mixup_ema_reports(tmp_path, default_data_cache):
     assert (tmp_path / "best_encoder.safetensors").is_file()
 
 
-def test_linprobe_leaves_the_encoder_unchanged(tmp_path, default_data_cache):
+def test_linprobe_leaves_the_encoder_unchanged(tmp_path, default_data_cache, monkeypatch):
     encoder = timm.create_model("vim_tiny_patch16_224", img_size=32, patch_size=8, stride=8, embed_dim=32, depth=2,
                                 num_classes=0)
     from safetensors.torch import save_file
@@ -51,7 +51,7 @@ def test_linprobe_leaves_the_encoder_unchanged(tmp_path, default_data_cache):
     def spy(self, enc, *a, **k):
         original(self, enc, *a, **k)
         seen["encoder"] = enc
-    pytest.MonkeyPatch().setattr(LinearProbe, "__init__", spy)
+    monkeypatch.setattr(LinearProbe, "__init__", spy)
     run_finetune.main([*args, "--pretrained", str(tmp_path / "enc.safetensors")])
     after = seen["encoder"].state_dict()
     assert all(torch.equal(before[k], after[k].cpu()) for k in before)
