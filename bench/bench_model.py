@@ -1,0 +1,112 @@
+"""Vim against DeiT end to end on one GPU: inference and training-step images/s and peak memory, side by side.
+
+    python -m bench.bench_model [--pairs tiny small base] [--sizes 224 512 1024 1248 2048] [--compile]
+
+Random weights and inputs, bf16 autocast with fp32 parameters (our training setup); DeiT is timm's with
+PyTorch's fused attention (scaled_dot_product_attention). Inference: forward under inference_mode. Training
+step: forward, cross-entropy on random labels, backward, fused AdamW step. CUDA-event medians after warm-up.
+Peak memory is torch.cuda.max_memory_allocated over the timed steps minus the memory held before the step
+(parameters and optimizer state), i.e. the activations and workspaces a batch needs.
+"""
+import argparse
+import statistics
+
+import timm
+import torch
+import torch.nn.functional as F
+
+import models  # noqa: F401  (registers the Vim models)
+
+PAIRS = {"tiny": ("vim_tiny_patch16_224", "deit_tiny_patch16_224"),
+         "small": ("vim_small_patch16_224", "deit_small_patch16_224"),
+         "base": ("vim_base_patch16_224", "deit_base_patch16_224")}
+INFER_BATCH = {224: 64, 512: 64, 1024: 8, 1248: 8, 2048: 2}
+TRAIN_BATCH = {224: 128, 512: 32, 1024: 8, 1248: 8, 2048: 2}
+
+
+def median_ms(step, warmup, steps, budget_ms=3000.0):
+    """Median of CUDA-event times of step(); stops early once budget_ms of timed work is done."""
+    for _ in range(warmup):
+        step()
+    times = []
+    while len(times) < steps and sum(times) < budget_ms:
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        step()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def measure(name, size, batch, train, args):
+    """(images/s, activation peak MiB) of one model, or None when the batch does not fit."""
+    torch.cuda.empty_cache()
+    kwargs = {"img_size": size}
+    if name.startswith("vim") and args.backend:
+        kwargs["scan_backend"] = args.backend
+    model = timm.create_model(name, num_classes=1000, **kwargs).cuda()
+    if train and args.grad_ckpt and size >= args.grad_ckpt:
+        model.set_grad_checkpointing(True)
+    forward = torch.compile(model) if args.compile else model
+    images = torch.randn(batch, 3, size, size, device="cuda")
+    labels = torch.randint(0, 1000, (batch,), device="cuda")
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True) if train else None
+
+    def step():
+        if train:
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                loss = F.cross_entropy(forward(images), labels)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        else:
+            with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16):
+                forward(images)
+
+    try:
+        step()  # creates the optimizer state before the baseline is read
+        torch.cuda.synchronize()
+        held = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        ms = median_ms(step, args.warmup, args.steps)
+        peak = (torch.cuda.max_memory_allocated() - held) / 2**20
+    except torch.cuda.OutOfMemoryError:
+        return None
+    finally:
+        del model, forward, opt
+    return batch / ms * 1e3, peak
+
+
+def cell(result):
+    return "OOM" if result is None else f"{result[0]:,.0f} ({result[1]:,.0f} MiB)"
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--pairs", nargs="+", default=list(PAIRS), choices=list(PAIRS))
+    parser.add_argument("--sizes", nargs="+", type=int, default=list(INFER_BATCH))
+    parser.add_argument("--modes", nargs="+", default=["infer", "train"], choices=["infer", "train"])
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--backend", default=None, help="Vim scan backend (default: the best available)")
+    parser.add_argument("--compile", action="store_true", help="torch.compile both models")
+    parser.add_argument("--grad-ckpt", type=int, default=0, metavar="SIZE",
+                        help="activation checkpointing for training at this resolution and above (0 = off)")
+    args = parser.parse_args()
+    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, timm {timm.__version__}, "
+          f"triton {__import__('triton').__version__}, compile={args.compile}, grad_ckpt>={args.grad_ckpt or 'off'}")
+    print("| mode | size | batch | model | Vim images/s (peak) | DeiT images/s (peak) | Vim / DeiT |")
+    print("|---|---|---|---|---|---|---|")
+    for mode in args.modes:
+        batches = TRAIN_BATCH if mode == "train" else INFER_BATCH
+        for size in args.sizes:
+            for pair in args.pairs:
+                vim, deit = (measure(name, size, batches[size], mode == "train", args) for name in PAIRS[pair])
+                ratio = f"{vim[0] / deit[0]:.2f}x" if vim and deit else "-"
+                print(f"| {mode} | {size} | {batches[size]} | {pair} | {cell(vim)} | {cell(deit)} | {ratio} |",
+                      flush=True)
+
+
+if __name__ == "__main__":
+    main()
