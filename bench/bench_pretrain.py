@@ -14,13 +14,14 @@ from pretrain.clip import ClipModel, build_text_tower
 from pretrain.mae import MaskedAutoencoder
 
 
-def build(objective, name, batch, device):
+def build(objective, name, batch, device, rank=0, world_size=1):
+    """(module, batch_fn): the recipe's MAE (decoder 512 x 8) or CLIP (512-d text tower) around a fresh encoder."""
     encoder = timm.create_model(name, num_classes=0)
     if objective == "mae":
         module = MaskedAutoencoder(encoder, {}, decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16)
         batch_fn = lambda: {"image": torch.randn(batch, 3, 224, 224, device=device)}
     else:
-        module = ClipModel(encoder, build_text_tower(512), 512, {})
+        module = ClipModel(encoder, build_text_tower(512), 512, {}, rank=rank, world_size=world_size)
         batch_fn = lambda: {"image": torch.randn(batch, 3, 224, 224, device=device),
                             "text": torch.randint(1, 49000, (batch, 77), device=device)}
     return module.to(device), batch_fn

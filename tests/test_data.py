@@ -352,3 +352,14 @@ def test_randaugment_posterize_at_full_magnitude():
     torch.manual_seed(0)
     for _ in range(200):
         assert transform(image).shape == (3, 16, 16)
+
+
+def test_epoch_coverage_tool_counts_each_sample_once_over_ranks(default_data_cache):
+    from helpers import run_ranks
+    outputs = run_ranks(["bench/check_epoch_coverage.py", f"data.cache_dir={default_data_cache}", "data.batch_size=50",
+                         "data.num_workers=2", "--epochs", "2"], world_size=3)
+    lines = [line for line in outputs[0].splitlines() if line.startswith("epoch")]
+    assert len(lines) == 2
+    for line in lines:
+        # 5,000 samples, global batch 150: 33 steps read 4,950, each once; 50 are left for a later epoch
+        assert "planned 4950, read 4950, distinct 4950, read twice or more 0" in line, line
