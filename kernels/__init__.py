@@ -1,9 +1,12 @@
-"""Selective-scan kernels. Functions on tensors only: no parameters, no imports from the rest of the project."""
+"""Kernels of Vim's mixer: the bidirectional selective scan and the bidirectional depthwise conv1d + SiLU.
+Functions on tensors only: no parameters, no imports from the rest of the project."""
 import torch
 
+from .conv_ref import bidirectional_conv1d_silu_ref
 from .scan_ref import bidirectional_scan_ref, selective_scan_ref
 
-__all__ = ["bidirectional_scan", "bidirectional_scan_ref", "selective_scan_ref", "available_backends"]
+__all__ = ["bidirectional_scan", "bidirectional_scan_ref", "selective_scan_ref", "bidirectional_conv1d_silu_ref",
+           "available_backends"]
 
 
 def available_backends():
