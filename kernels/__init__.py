@@ -1,16 +1,19 @@
-"""Selective-scan kernels. Functions on tensors only: no parameters, no imports from the rest of the project."""
+"""Kernels of Vim's mixer: the bidirectional selective scan and the bidirectional depthwise conv1d + SiLU.
+Functions on tensors only: no parameters, no imports from the rest of the project."""
 import torch
 
+from .conv_ref import bidirectional_conv1d_silu_ref
 from .scan_ref import bidirectional_scan_ref, selective_scan_ref
 
-__all__ = ["bidirectional_scan", "bidirectional_scan_ref", "selective_scan_ref", "available_backends"]
+__all__ = ["bidirectional_scan", "bidirectional_scan_ref", "selective_scan_ref", "bidirectional_conv1d_silu",
+           "bidirectional_conv1d_silu_ref", "available_backends"]
 
 
 def available_backends():
-    """Backends usable in this process: "reference" always, "triton" when the Triton kernel imports."""
+    """Backends usable in this process: "reference" always, "triton" when the Triton kernels import."""
     backends = ["reference"]
     try:
-        from . import scan_triton  # noqa: F401
+        from . import conv_triton, scan_triton  # noqa: F401
         backends.append("triton")
     except ImportError:
         pass
@@ -40,3 +43,26 @@ def bidirectional_scan(u, delta, A, B, C, D, z, delta_bias, backend=None):
         from .scan_triton import bidirectional_scan_triton
         return bidirectional_scan_triton(u, delta, A, B, C, D, z, delta_bias)
     raise ValueError(f"unknown scan backend {backend!r}; expected 'reference', 'triton' or None")
+
+
+def bidirectional_conv1d_silu(x, weight, bias, backend=None):
+    """Depthwise conv1d + SiLU of Vim's v2 mixer, both directions in one call, token-major in and out.
+
+    Args:
+        x: (batch, L, E), any strides (the model passes the first half of the in_proj output, a view).
+        weight: (2, E, K); bias: (2, E); index 0 is the forward direction, 1 the backward one. Arithmetic in fp32.
+        backend: "reference" (pure PyTorch), "triton" (fused kernel) or None (triton on CUDA, else reference).
+    Returns:
+        u: (2, batch, L, E) contiguous, in x's dtype, with zero padding outside 0..L-1:
+        u[0, b, t] = silu(bias[0] + sum_k weight[0, :, k] x[b, t - (K-1) + k])   (causal: the reference's conv)
+        u[1, b, t] = silu(bias[1] + sum_k weight[1, :, k] x[b, t + (K-1) - k])   (anti-causal: the reference's
+        causal conv of the flipped sequence, written on the original order).
+    """
+    if backend is None:
+        backend = "triton" if x.is_cuda and "triton" in available_backends() else "reference"
+    if backend == "reference":
+        return bidirectional_conv1d_silu_ref(x, weight, bias)
+    if backend == "triton":
+        from .conv_triton import bidirectional_conv1d_silu_triton
+        return bidirectional_conv1d_silu_triton(x, weight, bias)
+    raise ValueError(f"unknown conv backend {backend!r}; expected 'reference', 'triton' or None")

@@ -1,4 +1,4 @@
-"""Shape checks shared by every backend of `bidirectional_scan`."""
+"""Shape checks shared by every backend of `bidirectional_scan` and `bidirectional_conv1d_silu`."""
 
 
 def check_scan_inputs(u, delta, A, B, C, D, z, delta_bias):
@@ -21,3 +21,15 @@ def check_scan_inputs(u, delta, A, B, C, D, z, delta_bias):
         if tuple(tensor.shape) != shape:
             raise ValueError(f"{name} must have shape {shape}, got {tuple(tensor.shape)}")
     return K, batch, E, L, N
+
+
+def check_conv_inputs(x, weight, bias):
+    """Assert the documented shapes of `bidirectional_conv1d_silu`; returns (batch, L, E, K)."""
+    if x.dim() != 3:
+        raise ValueError(f"x must be (batch, L, E), got {tuple(x.shape)}")
+    batch, L, E = x.shape
+    if weight.dim() != 3 or weight.shape[:2] != (2, E) or weight.shape[2] < 1:
+        raise ValueError(f"weight must have shape (2, E={E}, K) with K >= 1, got {tuple(weight.shape)}")
+    if tuple(bias.shape) != (2, E):
+        raise ValueError(f"bias must have shape (2, {E}), got {tuple(bias.shape)}")
+    return batch, L, E, weight.shape[2]
