@@ -17,7 +17,7 @@ import torch
 
 import data
 import models
-from engine.distributed import all_gather_object
+from engine.distributed import all_gather_object, shutdown_distributed
 from engine.setup import build_data, model_config, num_classes, parse_args, resolve_shards
 from engine.train import autocast_dtype, evaluate, train
 
@@ -122,3 +122,4 @@ def evaluate_only(cfg, module, eval_data, dist):
 
 if __name__ == "__main__":
     main(sys.argv[1:])
+    shutdown_distributed()

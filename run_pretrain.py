@@ -12,6 +12,7 @@ import torch
 
 import data
 import models  # also registers the Vim models in timm
+from engine.distributed import shutdown_distributed
 from engine.setup import build_data, model_config, parse_args
 from engine.train import train
 
@@ -82,3 +83,4 @@ def main(argv=None):
 
 if __name__ == "__main__":
     main(sys.argv[1:])
+    shutdown_distributed()

@@ -85,7 +85,21 @@ def load_checkpoint(engine, folder):
                                                 load_optimizer_states=True, load_lr_scheduler_states=False)
     if path is None:
         raise RuntimeError(f"DeepSpeed could not load the checkpoint in {folder}")
+    _step_counts_beside_params(engine.optimizer)
     return client_state
+
+
+def _step_counts_beside_params(optimizer):
+    """Fused AdamW needs its step counts on the parameters' device; DeepSpeed's universal-checkpoint load
+    leaves them on the CPU (found on 2 H100s: the first step after a 4 -> 2 GPU resume failed)."""
+    base = getattr(optimizer, "optimizer", optimizer)
+    for group in base.param_groups:
+        if not group.get("fused"):
+            continue
+        for param in group["params"]:
+            step = base.state.get(param, {}).get("step")
+            if torch.is_tensor(step) and step.device != param.device:
+                base.state[param]["step"] = step.to(param.device)
 
 
 def export_encoder(state_dict, model_config, path):

@@ -85,3 +85,10 @@ def all_reduce_sum(values, device):
     if torch.distributed.get_world_size() > 1:
         torch.distributed.all_reduce(t)
     return t.tolist()
+
+
+def shutdown_distributed():
+    """Leave the process group before exit, so that no rank's NCCL watchdog outlives rank 0's store."""
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()

@@ -95,6 +95,7 @@ def train(cfg, module, data, dist, eval_data=None):
         # saved on another number of ranks: load DeepSpeed's universal form of it
         resume_from = to_universal(resume_from, dist.is_main)
         ds_config["checkpoint"] = {"load_universal": True}
+    n_params = sum(p.numel() for p in module.parameters() if p.requires_grad)  # before ZeRO-3 partitions them
     engine, optimizer = initialize_engine(module, optimizer, ds_config)
     steps_per_epoch = data.steps_per_epoch // tc.grad_accum
     if steps_per_epoch < 1:
@@ -102,7 +103,6 @@ def train(cfg, module, data, dist, eval_data=None):
     total_steps = tc.epochs * steps_per_epoch
     stop_step = min(total_steps, tc.max_steps) if tc.max_steps > 0 else total_steps
     scheduler = build_scheduler(optimizer, cfg.optim, total_steps, steps_per_epoch)
-    n_params = sum(p.numel() for p in module.parameters() if p.requires_grad)
     if dist.is_main:
         print(f"global batch {global_batch} ({dist.world_size} ranks x {cfg.data.batch_size} x {tc.grad_accum} accum), "
               f"peak lr {lr:.3g}, {steps_per_epoch} steps/epoch, {stop_step} of {total_steps} steps, "
