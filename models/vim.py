@@ -9,12 +9,11 @@ like the forward one, and position embeddings are resized around the middle clas
 import math
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from timm.layers import DropPath, lecun_normal_, trunc_normal_
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from torch.utils.checkpoint import checkpoint
 
-from kernels import bidirectional_scan
+from kernels import bidirectional_conv1d_silu, bidirectional_scan
 
 from .checkpoint import checkpoint_filter_fn
 
@@ -61,7 +60,8 @@ def _dt_bias_init(bias: torch.Tensor, dt_min=1e-3, dt_max=1e-1, dt_floor=1e-4):
 
 class BiMambaMixer(nn.Module):
     """Vim's bidirectional Mamba mixer ("v2"): shared in/out projections, per-direction conv1d, x/dt
-    projections, A and D; both directions go through one `bidirectional_scan` call."""
+    projections, A and D; both directions go through one `bidirectional_conv1d_silu` and one
+    `bidirectional_scan` call."""
 
     def __init__(
             self,
@@ -94,31 +94,32 @@ class BiMambaMixer(nn.Module):
             nn.init.uniform_(dt_proj.weight, -self.dt_rank ** -0.5, self.dt_rank ** -0.5)
             _dt_bias_init(dt_proj.bias)
 
-    def _branch(self, x, conv, x_proj, dt_proj, reverse):
-        """x: (batch, E, L) -> u, delta: (batch, E, L); B, C: (batch, N, L) for one direction."""
-        L = x.shape[-1]
-        if reverse:
-            # anti-causal conv: the reference's causal conv on the flipped sequence, written on the original order
-            u = F.conv1d(F.pad(x, (0, conv.kernel_size[0] - 1)), conv.weight.flip(-1), conv.bias, groups=x.shape[1])
-        else:
-            u = conv(x)[..., :L]
-        u = F.silu(u)
-        x_dbl = x_proj(u.transpose(1, 2))                                     # (batch, L, R + 2N)
-        dt_low, B, C = x_dbl.split([self.dt_rank, self.d_state, self.d_state], dim=-1)
-        delta = (dt_low @ dt_proj.weight.t()).transpose(1, 2)                 # bias goes in as delta_bias
-        return u, delta, B.transpose(1, 2), C.transpose(1, 2)
-
     def forward(self, hidden_states):
-        """hidden_states: (batch, L, dim) -> (batch, L, dim)."""
-        xz = self.in_proj(hidden_states).transpose(1, 2)                      # (batch, 2E, L)
-        x, z = xz.chunk(2, dim=1)
-        fwd = self._branch(x, self.conv1d, self.x_proj, self.dt_proj, reverse=False)
-        bwd = self._branch(x, self.conv1d_b, self.x_proj_b, self.dt_proj_b, reverse=True)
-        u, delta, B, C = (torch.stack(pair) for pair in zip(fwd, bwd))
+        """hidden_states: (batch, L, dim) -> (batch, L, dim).
+
+        Token-major throughout: the conv kernel reads x as a view of the in_proj output and writes u with
+        channels contiguous, both directions' projections are one batched matmul each, and the scan gets
+        transposed views of those results, so no activation is copied between the kernels.
+        """
+        E, N, R = self.d_inner, self.d_state, self.dt_rank
+        xz = self.in_proj(hidden_states)                                       # (batch, L, 2E)
+        x, z = xz[..., :E], xz[..., E:]
+        conv_weight = torch.stack([self.conv1d.weight, self.conv1d_b.weight])[:, :, 0]     # (2, E, K)
+        conv_bias = torch.stack([self.conv1d.bias, self.conv1d_b.bias])
+        u = bidirectional_conv1d_silu(x, conv_weight, conv_bias, backend=self.scan_backend)  # (2, batch, L, E)
+        x_dbl = u.flatten(1, 2) @ torch.stack([self.x_proj.weight, self.x_proj_b.weight]).transpose(1, 2)
+        dt_low, B, C = x_dbl.split([R, N, N], dim=-1)                          # (2, batch * L, .)
+        delta = dt_low @ torch.stack([self.dt_proj.weight, self.dt_proj_b.weight]).transpose(1, 2)
+        batch, L = hidden_states.shape[:2]
+
+        def channels_first(t):                                                 # (2, batch * L, c) -> (2, batch, c, L)
+            return t.unflatten(1, (batch, L)).transpose(-1, -2)
+
         A = -torch.exp(torch.stack([self.A_log, self.A_b_log]).float())
         D = torch.stack([self.D, self.D_b]).float()
         delta_bias = torch.stack([self.dt_proj.bias, self.dt_proj_b.bias]).float()
-        y = bidirectional_scan(u, delta, A, B, C, D, z, delta_bias, backend=self.scan_backend)
+        y = bidirectional_scan(channels_first(u.flatten(1, 2)), channels_first(delta), A, channels_first(B),
+                               channels_first(C), D, z.transpose(1, 2), delta_bias, backend=self.scan_backend)
         return self.out_proj(y.transpose(1, 2))
 
 
