@@ -1,7 +1,10 @@
 """End-to-end pretraining runs on CPU under DeepSpeed: losses fall, resume is exact, bad input is refused."""
 import json
+import shutil
 
 import pytest
+import torch
+from safetensors.torch import load_file
 
 import run_pretrain
 from engine.checkpoint import COMPLETE, latest_checkpoint
@@ -111,6 +114,13 @@ def test_checkpoint_of_four_ranks_resumes_on_two_and_on_one(tmp_path, default_da
     args = ["run_pretrain.py", *mae_args(tmp_path, default_data_cache, "data.batch_size=8",
                                         f"deepspeed=configs/deepspeed/zero{zero}.json")]
     run_ranks([*args, "train.max_steps=3"], world_size=4)
+    exported = load_file(tmp_path / "encoder.safetensors")
+    for ranks in (2, 1):  # the 4-rank checkpoint loaded on fewer ranks without training exports the same encoder
+        copy = tmp_path.parent / f"{tmp_path.name}_on{ranks}"
+        shutil.copytree(tmp_path, copy)
+        run_ranks([*args, "train.max_steps=3", f"output_dir={copy}"], world_size=ranks)
+        again = load_file(copy / "encoder.safetensors")
+        assert again.keys() == exported.keys() and all(torch.equal(again[k], exported[k]) for k in exported)
     run_ranks([*args, "train.max_steps=5"], world_size=2)   # through DeepSpeed's universal checkpoint
     outputs = run_ranks([*args, "train.max_steps=7"], world_size=1)
     assert "resumed from" in outputs[0] and "step_00000005_universal" in outputs[0]
