@@ -1,4 +1,5 @@
-"""Shape checks shared by every backend of `bidirectional_scan`."""
+"""Shape checks shared by every backend of `bidirectional_scan` and `multidirectional_scan`."""
+import torch
 
 
 def check_scan_inputs(u, delta, A, B, C, D, z, delta_bias):
@@ -21,3 +22,15 @@ def check_scan_inputs(u, delta, A, B, C, D, z, delta_bias):
         if tuple(tensor.shape) != shape:
             raise ValueError(f"{name} must have shape {shape}, got {tuple(tensor.shape)}")
     return K, batch, E, L, N
+
+
+def check_orders(orders, K, batch, L):
+    """orders: integer (K, L) or (K, batch, L) visit lists. Each row must be a permutation of 0..L-1; that is
+    checked only for CPU tensors, since on a GPU it would cost a host synchronisation per call."""
+    if orders.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"orders must be int32 or int64, got {orders.dtype}")
+    if tuple(orders.shape) not in ((K, L), (K, batch, L)):
+        raise ValueError(f"orders must have shape {(K, L)} or {(K, batch, L)}, got {tuple(orders.shape)}")
+    if orders.device.type == "cpu" and not torch.equal(orders.sort(dim=-1).values,
+                                                       torch.arange(L, dtype=orders.dtype).expand(orders.shape)):
+        raise ValueError("every row of orders must be a permutation of 0..L-1")
