@@ -7,11 +7,15 @@ import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
+import json  # noqa: E402
+
 import pytest  # noqa: E402
 import timm  # noqa: E402
 import torch  # noqa: E402
 
 import models  # noqa: E402
+from engine.config import load_config  # noqa: E402
+from engine.setup import adopt_export_design  # noqa: E402
 from models import load_checkpoint, resize_pos_embed, scan_orders  # noqa: E402
 from pretrain.mae import MaskedAutoencoder  # noqa: E402
 
@@ -272,3 +276,22 @@ def test_mae_with_every_bidirectional_strategy(variant):
     loss, _ = mae({"image": torch.randn(2, 3, 32, 32)})
     loss.backward()
     assert not [n for n, p in mae.named_parameters() if p.grad is None]
+
+
+def test_config_overrides_and_export_adoption(tmp_path):
+    cfg = load_config(None, ["model.cls_mode=mean", "model.scan_orders=[row,row_reverse,col,col_reverse]"])
+    assert cfg.model.kwargs() == {"cls_mode": "mean", "scan_orders": FOUR}
+    export = tmp_path / "encoder.safetensors"
+    export.with_suffix(".json").write_text(json.dumps({"name": "vim_tiny_patch16_224", "kwargs": cfg.model.kwargs()}))
+    fresh = load_config(None, ["model.depth=2"])
+    adopt_export_design(fresh, str(export), is_main=False)
+    assert (fresh.model.cls_mode, fresh.model.bidir_mode, fresh.model.scan_orders) == ("mean", None, FOUR)
+    clash = load_config(None, ["model.cls_mode=middle"])
+    with pytest.raises(ValueError, match="model.cls_mode=middle but the encoder"):
+        adopt_export_design(clash, str(export), is_main=False)
+    default_export = tmp_path / "default.safetensors"
+    default_export.with_suffix(".json").write_text(json.dumps({"name": "vim_tiny_patch16_224", "kwargs": {}}))
+    adopt_export_design(load_config(None, ["model.bidir_mode=v2"]), str(default_export), is_main=False)
+    with pytest.raises(ValueError, match="bidir_mode=none but"):
+        adopt_export_design(load_config(None, ["model.bidir_mode=none"]), str(default_export), is_main=False)
+    adopt_export_design(load_config(None, []), str(tmp_path / "public.pth"), is_main=False)   # no json: no-op
