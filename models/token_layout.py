@@ -18,7 +18,7 @@ A subset of the grid is visited in the order its patches have in the full grid's
 """
 import torch
 
-__all__ = ["CLS_MODES", "SCAN_DIRECTIONS", "num_cls_tokens", "cls_positions", "join_cls", "split_cls",
+__all__ = ["CLS_MODES", "SCAN_DIRECTIONS", "num_cls_tokens", "cls_positions", "join_cls", "select_cls", "split_cls",
            "grid_order", "scan_orders"]
 
 CLS_MODES = {"middle": 1, "head": 1, "double": 2, "mean": 0, "max": 0}
@@ -47,13 +47,20 @@ def join_cls(patches, cls, positions):
     return torch.cat(parts + [patches[:, start:]], dim=1) if parts else patches
 
 
+def select_cls(x, positions):
+    """x (batch, L, C) -> its class tokens (batch, len(positions), C); a view for one class token."""
+    if len(positions) == 1:
+        return x[:, positions[0]:positions[0] + 1]
+    return torch.cat([x[:, p:p + 1] for p in positions], dim=1) if positions else x[:, :0]
+
+
 def split_cls(x, positions):
     """x (batch, L, C) -> (class tokens (batch, len(positions), C), patch tokens (batch, L - len(positions), C))."""
     if not positions:
         return x[:, :0], x
     bounds = [-1, *positions, x.shape[1]]
     patches = torch.cat([x[:, a + 1:b] for a, b in zip(bounds[:-1], bounds[1:])], dim=1)
-    return torch.cat([x[:, p:p + 1] for p in positions], dim=1), patches
+    return select_cls(x, positions), patches
 
 
 def grid_order(name, grid_size, device=None):

@@ -19,7 +19,7 @@ from torch.utils.checkpoint import checkpoint
 from kernels import bidirectional_scan, multidirectional_scan
 
 from .checkpoint import checkpoint_filter_fn
-from .token_layout import cls_positions, join_cls, num_cls_tokens, split_cls
+from .token_layout import cls_positions, join_cls, num_cls_tokens, select_cls, split_cls
 from .token_layout import scan_orders as scan_orders_table
 
 __all__ = ["VisionMamba", "MambaMixer", "Block", "RMSNorm", "PatchEmbed", "BIDIR_MODES"]
@@ -381,7 +381,7 @@ class VisionMamba(nn.Module):
 
     def cls_token_with_pos(self):
         """The class tokens with their position embedding, (1, num_cls_tokens, D) (zero tokens for mean / max)."""
-        cls_pos = self.split_cls(self.pos_embed)[0]
+        cls_pos = select_cls(self.pos_embed, self.cls_positions(self.num_patches))
         return cls_pos if self.cls_token is None else self.cls_token + cls_pos
 
     def insert_cls(self, tokens):

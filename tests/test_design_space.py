@@ -13,7 +13,7 @@ import pytest  # noqa: E402
 import timm  # noqa: E402
 import torch  # noqa: E402
 
-import models  # noqa: E402
+import models  # noqa: E402,F401  (registers the Vim models in timm)
 from engine.config import load_config  # noqa: E402
 from engine.setup import adopt_export_design  # noqa: E402
 from models import load_checkpoint, resize_pos_embed, scan_orders  # noqa: E402
@@ -51,6 +51,10 @@ def test_every_variant_builds_and_trains(cls_mode, variant):
     assert not missing, missing
     nwd = model.no_weight_decay()
     assert {n for n, _ in model.named_parameters() if n.split(".")[-1].startswith(("A", "D"))} <= nwd
+    model.eval()
+    out = model(x)
+    model.set_grad_checkpointing(True)
+    assert torch.allclose(model(x), out, atol=1e-6)
 
 
 def test_class_token_heads():

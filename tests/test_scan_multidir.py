@@ -18,7 +18,7 @@ triton = pytest.importorskip("triton")
 import kernels  # noqa: E402
 from kernels import scan_multidir_triton as md  # noqa: E402
 from kernels import scan_triton as st  # noqa: E402
-from kernels.scan_ref import bidirectional_scan_ref, multidirectional_scan_ref  # noqa: E402
+from kernels.scan_ref import multidirectional_scan_ref  # noqa: E402
 
 
 def _interpreted():
