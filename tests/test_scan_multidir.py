@@ -146,18 +146,19 @@ def test_two_directions_equal_bidirectional_scan(backend):
         torch.testing.assert_close(g, rg, rtol=1e-5, atol=1e-6, msg=lambda m: f"d{name}: {m}")
 
 
-def test_bf16_token_major_within_twice_reference_error_and_deterministic():
-    """STYLE 9: the kernel's error against an fp64 reference is at most 2x that of the reference run in bf16, plus a
-    small atol; two runs give identical bits."""
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_token_major_within_twice_reference_error_and_deterministic(dtype):
+    """STYLE 9: the kernel's error against an fp64 reference is at most 2x that of the reference run in the same low
+    precision, plus a small atol; two runs give identical bits."""
     K, batch, E, L, N = 3, 1, 6, 13, 4
-    xs = make_inputs(K, batch, E, L, N, dtype=torch.bfloat16, token_major=True)
+    xs = make_inputs(K, batch, E, L, N, dtype=dtype, token_major=True)
     orders = make_orders(K, L)
-    grad_out = torch.randn(batch, E, L, generator=torch.Generator().manual_seed(2)).to(torch.bfloat16)
+    grad_out = torch.randn(batch, E, L, generator=torch.Generator().manual_seed(2)).to(dtype)
     ref_out, ref_grads = reference(xs, grad_out, orders)
     low_out, low_grads = run(multidirectional_scan_ref, xs, grad_out, orders)
     out, grads = run(md.multidirectional_scan_triton, xs, grad_out, orders, chunk_size=8)
     again, grads2 = run(md.multidirectional_scan_triton, xs, grad_out, orders, chunk_size=8)
-    assert out.dtype == torch.bfloat16
+    assert out.dtype == dtype
     assert rel_err(out, ref_out) <= 2 * rel_err(low_out, ref_out) + 2e-3
     for name, g, lg, rg, g2 in zip(NAMES, grads, low_grads, ref_grads, grads2):
         assert g.dtype == xs[NAMES.index(name)].dtype, name
