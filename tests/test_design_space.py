@@ -3,21 +3,16 @@
 Tiny models (embed_dim 32, depth 2, 32x32 images, patch 8: a 4x4 grid) on the reference scan, except one
 4-direction model run through the Triton kernel under the interpreter.
 """
-import os
+import json
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
+import pytest
+import timm
+import torch
 
-import json  # noqa: E402
-
-import pytest  # noqa: E402
-import timm  # noqa: E402
-import torch  # noqa: E402
-
-import models  # noqa: E402,F401  (registers the Vim models in timm)
-from engine.config import load_config  # noqa: E402
-from engine.setup import adopt_export_design  # noqa: E402
-from models import load_checkpoint, resize_pos_embed, scan_orders  # noqa: E402
-from pretrain.mae import MaskedAutoencoder  # noqa: E402
+from engine.config import load_config
+from engine.setup import adopt_export_design
+from models import load_checkpoint, resize_pos_embed, scan_orders
+from pretrain.mae import MaskedAutoencoder
 
 CLS = ["middle", "head", "double", "mean", "max"]
 FOUR = ["row", "row_reverse", "col", "col_reverse"]
