@@ -90,9 +90,8 @@ def scan_orders(directions, grid_size, cls_mode, seq_len, patch_ids=None, device
     """
     n = seq_len - num_cls_tokens(cls_mode)
     seq = torch.arange(seq_len, device=device)
-    is_cls = torch.zeros(seq_len, dtype=torch.bool, device=device)
-    is_cls[list(cls_positions(cls_mode, n))] = True
-    patch_seq = seq[~is_cls]                                   # sequence index of the j-th patch token
+    # sequence index of the j-th patch token: j plus the class tokens before it (device ops only, no host sync)
+    patch_seq = seq[:n] + sum((seq[:n] >= pos - i).long() for i, pos in enumerate(cls_positions(cls_mode, n)))
     visits = []
     for name in directions:
         forward = name.removesuffix("_reverse")
