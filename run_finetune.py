@@ -18,7 +18,7 @@ import torch
 import data
 import models
 from engine.distributed import all_gather_object, shutdown_distributed
-from engine.setup import build_data, model_config, num_classes, parse_args, resolve_shards
+from engine.setup import adopt_export_design, build_data, model_config, num_classes, parse_args, resolve_shards
 from engine.train import autocast_dtype, evaluate, train
 
 DEMO_CONFIGS = {
@@ -47,6 +47,7 @@ def build_task(args, cfg, dist):
         raise ValueError(f"--task imagenet needs 1000 classes, the data has {classes}: use --task classification")
     eval_tf = data.build_transform(False, cfg.data.input_size, crop_pct=aug.crop_pct, interpolation=aug.interpolation)
     pretrained = args.pretrained or cfg.finetune.pretrained
+    adopt_export_design(cfg, pretrained, dist.is_main)
     from finetune import Classifier, LinearProbe, extract_features
 
     if args.task == "linprobe":

@@ -13,7 +13,7 @@ import torch
 import data
 import models  # also registers the Vim models in timm
 from engine.distributed import shutdown_distributed
-from engine.setup import build_data, model_config, parse_args
+from engine.setup import adopt_export_design, build_data, model_config, parse_args
 from engine.train import train
 
 DEMO_CONFIGS = {"mae": "configs/pretrain/mae_demo.yaml", "clip": "configs/pretrain/clip_demo.yaml"}
@@ -58,6 +58,7 @@ def build_clip(cfg, dist):
     eval_tf = data.build_transform(False, cfg.data.input_size, crop_pct=aug.crop_pct, interpolation=aug.interpolation)
     train_data, eval_data = build_data(cfg, dist, ("image", "text"), train_tf, eval_tf, text_transform=tokenizer,
                                        eval_fields=("image", "label"))
+    adopt_export_design(cfg, cc.init_image_from, dist.is_main)
     encoder = timm.create_model(cfg.model.name, **{**cfg.model.kwargs(), "num_classes": 0})
     if cc.init_image_from:
         models.load_checkpoint(encoder, cc.init_image_from, strict=True, drop_head=True)

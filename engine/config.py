@@ -34,6 +34,9 @@ class ModelConfig:
     drop_rate: typing.Optional[float] = None
     drop_path_rate: typing.Optional[float] = None
     scan_backend: typing.Optional[str] = None
+    cls_mode: typing.Optional[str] = None           # middle | head | double | mean | max
+    bidir_mode: typing.Optional[str] = None         # v2 | ssm | block | sequence | none
+    scan_orders: typing.Optional[typing.List[str]] = None   # v2 only: [row, row_reverse, col, col_reverse, ...]
 
     def kwargs(self):
         """The constructor kwargs that were set."""

@@ -1,6 +1,8 @@
 """What both entry points do before training: parse the command line, join the process group, seed,
-and turn the data section of the config into loaders."""
+turn the data section of the config into loaders, and take a pretrained encoder's variant from its export."""
 import argparse
+import json
+from pathlib import Path
 
 import data
 from .config import load_config
@@ -66,3 +68,30 @@ def build_data(cfg, dist, fields, train_transform, eval_transform=None, text_tra
 def model_config(cfg, **overrides):
     """{"name", "kwargs"}: what rebuilds the model with timm.create_model, stored with every export."""
     return {"name": cfg.model.name, "kwargs": {**cfg.model.kwargs(), **overrides}}
+
+
+# VisionMamba's design-space kwargs and their defaults: the variant an export without them was trained as
+DESIGN_DEFAULTS = {"cls_mode": "middle", "bidir_mode": "v2", "scan_orders": ["row", "row_reverse"]}
+
+
+def adopt_export_design(cfg, path, is_main=True):
+    """Build the model as the variant the encoder at `path` was trained as, from the json its export wrote beside it.
+
+    Some variants have identical parameter shapes (a middle or a head class token; bidir_mode none, sequence or
+    block), so loading into the wrong one would go unnoticed. A design-space key (DESIGN_DEFAULTS) the config leaves
+    unset is taken from the export; one it sets to another value stops the run. Files without the json (public
+    Vim checkpoints) are the default variant and are left to the config.
+    """
+    meta = Path(path).with_suffix(".json") if path else None
+    if meta is None or not meta.is_file():
+        return
+    saved = json.loads(meta.read_text()).get("kwargs", {})
+    for key, default in DESIGN_DEFAULTS.items():
+        theirs, mine = saved.get(key), getattr(cfg.model, key)
+        if mine is None:
+            setattr(cfg.model, key, theirs)
+            if is_main and theirs is not None:
+                print(f"model.{key}={theirs} (from {meta})", flush=True)
+        elif mine != (default if theirs is None else theirs):
+            raise ValueError(f"model.{key}={mine} but the encoder {path} was trained with "
+                             f"{key}={default if theirs is None else theirs} ({meta}); drop the override")

@@ -1,4 +1,6 @@
-"""Shape checks shared by every backend of `bidirectional_scan` and `bidirectional_conv1d_silu`."""
+"""Shape checks shared by every backend of `bidirectional_scan`, `multidirectional_scan` and
+`bidirectional_conv1d_silu`."""
+import torch
 
 
 def check_scan_inputs(u, delta, A, B, C, D, z, delta_bias):
@@ -33,3 +35,15 @@ def check_conv_inputs(x, weight, bias):
     if tuple(bias.shape) != (2, E):
         raise ValueError(f"bias must have shape (2, {E}), got {tuple(bias.shape)}")
     return batch, L, E, weight.shape[2]
+
+
+def check_orders(orders, K, batch, L):
+    """orders: integer (K, L) or (K, batch, L) visit lists. Each row must be a permutation of 0..L-1; that is
+    checked only for CPU tensors, since on a GPU it would cost a host synchronisation per call."""
+    if orders.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"orders must be int32 or int64, got {orders.dtype}")
+    if tuple(orders.shape) not in ((K, L), (K, batch, L)):
+        raise ValueError(f"orders must have shape {(K, L)} or {(K, batch, L)}, got {tuple(orders.shape)}")
+    if orders.device.type == "cpu" and not torch.equal(orders.sort(dim=-1).values,
+                                                       torch.arange(L, dtype=orders.dtype).expand(orders.shape)):
+        raise ValueError("every row of orders must be a permutation of 0..L-1")

@@ -1,4 +1,4 @@
-"""Reference bidirectional selective scan in plain PyTorch.
+"""Reference bidirectional and multidirectional selective scans in plain PyTorch.
 
 The specification and test oracle of the fused kernels: differentiable, any device and dtype
 (arithmetic in fp32, or fp64 for fp64 inputs). Vectorised over directions, batch, E and N; the
@@ -8,7 +8,7 @@ state carried from chunk to chunk, so the Python loop count is L / CHUNK * log2(
 import torch
 import torch.nn.functional as F
 
-from ._checks import check_scan_inputs
+from ._checks import check_orders, check_scan_inputs
 
 CHUNK = 64
 
@@ -63,3 +63,18 @@ def bidirectional_scan_ref(u, delta, A, B, C, D, z, delta_bias):
     y_bwd = selective_scan_ref(u[1], delta[1], A[1], B[1], C[1], D[1], delta_bias[1], reverse=True)
     zf = z.to(y_fwd.dtype)
     return (F.silu(zf) * (y_fwd + y_bwd) * 0.5).to(u.dtype)
+
+
+def multidirectional_scan_ref(u, delta, A, B, C, D, z, delta_bias, orders):
+    """y = silu(z) * mean over directions of y_k, shapes as in `kernels.multidirectional_scan`: each direction's
+    inputs are gathered into its visiting order, scanned forward and scattered back."""
+    K, batch, E, L, N = check_scan_inputs(u, delta, A, B, C, D, z, delta_bias)
+    check_orders(orders, K, batch, L)
+    ys = []
+    for k in range(K):
+        order = orders[k].to(u.device).long().expand(batch, L)
+        along = [t.gather(-1, order.unsqueeze(1).expand(-1, t.shape[1], -1)) for t in (u[k], delta[k], B[k], C[k])]
+        y = selective_scan_ref(*along[:2], A[k], *along[2:], D[k], delta_bias[k], reverse=False)
+        ys.append(torch.zeros_like(y).scatter(-1, order.unsqueeze(1).expand(-1, E, -1), y))
+    y = torch.stack(ys).mean(0)
+    return (F.silu(z.to(y.dtype)) * y).to(u.dtype)

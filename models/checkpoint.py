@@ -8,35 +8,36 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from .token_layout import cls_positions, join_cls, num_cls_tokens, split_cls
+
 __all__ = ["resize_pos_embed", "checkpoint_filter_fn", "read_state_dict", "load_checkpoint"]
 
 
-def resize_pos_embed(pos_embed, new_grid, old_grid=None, cls_index=None, new_cls_index=None):
-    """Resize a position embedding with one class-token slot to another patch grid.
+def resize_pos_embed(pos_embed, new_grid, old_grid=None, cls_mode="middle"):
+    """Resize a position embedding with class-token slots to another patch grid.
 
-    pos_embed: (1, M + 1, D) with the class slot at cls_index (default M // 2, Vim's middle token).
+    pos_embed: (1, M + c, D) with the c class slots of `cls_mode` (models.token_layout: middle = one slot at
+    M // 2, head = slot 0, double = first and last, mean / max = none).
     new_grid / old_grid: (rows, cols); old_grid defaults to a square of M patches.
-    The class slot is split out before the grid is interpolated (bicubic) and put back at
-    new_cls_index (default M' // 2); the reference treats slot 0 as the class token, which is wrong here.
-    Returns (1, M' + 1, D).
+    The class slots are split out before the grid is interpolated (bicubic) and put back where `cls_mode` places
+    them for the new grid; the reference treats slot 0 as the class token, which is wrong for a middle token.
+    Returns (1, M' + c, D).
     """
-    M = pos_embed.shape[1] - 1
+    c = num_cls_tokens(cls_mode)
+    M = pos_embed.shape[1] - c
     if old_grid is None:
         side = math.isqrt(M)
         if side * side != M:
             raise ValueError(f"pos_embed has {M} patch slots, not a square grid: pass old_grid")
         old_grid = (side, side)
-    cls_index = M // 2 if cls_index is None else cls_index
     new_M = new_grid[0] * new_grid[1]
-    new_cls_index = new_M // 2 if new_cls_index is None else new_cls_index
-    cls = pos_embed[:, cls_index:cls_index + 1]
-    grid = torch.cat([pos_embed[:, :cls_index], pos_embed[:, cls_index + 1:]], dim=1)
+    cls, grid = split_cls(pos_embed, cls_positions(cls_mode, M))
     if tuple(old_grid) != tuple(new_grid):
         D = grid.shape[-1]
         grid = grid.reshape(1, *old_grid, D).permute(0, 3, 1, 2).float()
         grid = F.interpolate(grid, size=tuple(new_grid), mode="bicubic", align_corners=False)
         grid = grid.permute(0, 2, 3, 1).reshape(1, new_M, D).to(pos_embed.dtype)
-    return torch.cat([grid[:, :new_cls_index], cls, grid[:, new_cls_index:]], dim=1)
+    return join_cls(grid, cls, cls_positions(cls_mode, new_M))
 
 
 def _unwrap(checkpoint):
@@ -59,11 +60,13 @@ def read_state_dict(path):
 
 
 def checkpoint_filter_fn(state_dict, model):
-    """Adapt a Vim state dict to `model`: resize pos_embed to its grid (class slot kept in the middle)."""
+    """Adapt a Vim state dict to `model`: resize pos_embed to its grid, the class slots where the model's cls_mode
+    puts them (the checkpoint is taken to have the same cls_mode)."""
     state_dict = _unwrap(state_dict)
     pos = state_dict.get("pos_embed")
     if pos is not None and pos.shape != model.pos_embed.shape:
-        state_dict = dict(state_dict, pos_embed=resize_pos_embed(pos, model.patch_embed.grid_size))
+        state_dict = dict(state_dict, pos_embed=resize_pos_embed(pos, model.patch_embed.grid_size,
+                                                                 cls_mode=model.cls_mode))
     return state_dict
 
 

@@ -2,8 +2,9 @@
 arXiv 2111.06377), adapted to a sequential scan.
 
 Two masking modes:
-- "drop" (MAE): the encoder reads only the visible tokens, kept in raster order, with the class token in
-  the middle of the visible sequence; the decoder re-inserts mask tokens in place.
+- "drop" (MAE): the encoder reads only the visible tokens, kept in raster order, with the class tokens
+  where the encoder's cls_mode puts them in the visible sequence (middle: in its middle); the decoder
+  re-inserts mask tokens in place.
 - "keep": the encoder reads the whole grid with a learned mask token in the masked slots, so the scan
   sees a spatially continuous sequence (dropping tokens breaks the neighbourhoods a scan relies on).
 The loss is the MSE on masked patches, optionally on per-patch normalised pixels (norm_pix_loss).
@@ -93,17 +94,17 @@ class MaskedAutoencoder(nn.Module):
         self.img_size = pe.img_size
         in_chans, D = pe.proj.in_channels, encoder.embed_dim
         M = encoder.num_patches
-        self.cls_index = encoder.cls_index
         # drop: the decoder fills the masked slots; keep: the encoder does (and the decoder reads its outputs)
         if mask_mode == "keep":
             self.mask_token = nn.Parameter(torch.zeros(1, 1, D))
         else:
             self.decoder_mask_token = nn.Parameter(torch.zeros(1, 1, decoder_embed_dim))
         self.decoder_embed = nn.Linear(D, decoder_embed_dim)
-        # fixed 2-D sin-cos position embedding (as MAE), zeros in the class slot
-        grid_pos = build_sincos2d_pos_embed(pe.grid_size, decoder_embed_dim).reshape(M, decoder_embed_dim)
-        pos = torch.cat([grid_pos[:self.cls_index], torch.zeros(1, decoder_embed_dim), grid_pos[self.cls_index:]])
-        self.register_buffer("decoder_pos_embed", pos.unsqueeze(0), persistent=False)
+        # fixed 2-D sin-cos position embedding (as MAE), zeros in the class slots (the encoder's layout; an
+        # encoder without class token, cls_mode mean / max, gives a decoder sequence of patches only)
+        grid_pos = build_sincos2d_pos_embed(pe.grid_size, decoder_embed_dim).reshape(1, M, decoder_embed_dim)
+        pos = encoder.join_cls(grid_pos, torch.zeros(1, encoder.num_cls_tokens, decoder_embed_dim))
+        self.register_buffer("decoder_pos_embed", pos, persistent=False)
         if decoder == "transformer":
             self.decoder_blocks = nn.ModuleList([
                 TransformerBlock(decoder_embed_dim, decoder_num_heads, mlp_ratio=4.0, qkv_bias=True)
@@ -136,45 +137,43 @@ class MaskedAutoencoder(nn.Module):
         names.add("mask_token" if self.mask_mode == "keep" else "decoder_mask_token")
         for i, block in enumerate(self.decoder_blocks):
             if isinstance(block, VimBlock):
-                names |= {f"decoder_blocks.{i}.mixer.{p}" for p in ("A_log", "A_b_log", "D", "D_b")}
+                names |= {f"decoder_blocks.{i}.mixer.{p}" for p in block.mixer.no_weight_decay()}
         return names
 
     def forward_encoder(self, imgs, generator=None):
-        """imgs: (batch, C, H, W) -> encoded tokens with the class token at its slot, ids_keep, mask.
+        """imgs: (batch, C, H, W) -> encoded tokens with the class tokens at their slots, ids_keep, mask.
 
-        drop: tokens (batch, K + 1, D), class token at K // 2; keep: (batch, M + 1, D), class token at cls_index.
+        drop: tokens (batch, K + c, D), class tokens at enc.cls_positions(K) (middle: K // 2); keep: (batch, M + c, D),
+        class tokens at enc.cls_positions(M). c = enc.num_cls_tokens (0 for mean / max pooling encoders).
         """
         enc = self.encoder
         n = imgs.shape[0]
         ids_keep, mask = random_masking(n, enc.num_patches, self.mask_ratio, imgs.device, generator)
-        cls = enc.cls_token_with_pos().expand(n, -1, -1)
         if self.mask_mode == "drop":
             tokens = enc.patch_tokens(imgs)                                   # position added before masking
             tokens = tokens.gather(1, ids_keep.unsqueeze(-1).expand(-1, -1, tokens.shape[-1]))
-            mid = tokens.shape[1] // 2
-        else:
-            tokens = enc.patch_embed(imgs)
-            tokens = torch.where(mask.unsqueeze(-1).bool(), self.mask_token.to(tokens.dtype), tokens)
-            tokens = tokens + enc.patch_pos_embed()
-            mid = self.cls_index
-        tokens = torch.cat([tokens[:, :mid], cls, tokens[:, mid:]], dim=1)
-        return enc.forward_blocks(tokens), ids_keep, mask
+            # 2-D scan orders visit the visible patches by their grid positions
+            return enc.forward_blocks(enc.insert_cls(tokens), patch_ids=ids_keep), ids_keep, mask
+        tokens = enc.patch_embed(imgs)
+        tokens = torch.where(mask.unsqueeze(-1).bool(), self.mask_token.to(tokens.dtype), tokens)
+        tokens = tokens + enc.patch_pos_embed()
+        return enc.forward_blocks(enc.insert_cls(tokens)), ids_keep, mask
 
     def forward_decoder(self, latent, ids_keep):
         """latent: encoder output -> predicted pixels of every patch, (batch, M, patch_size**2 * C)."""
+        enc = self.encoder
         x = self.decoder_embed(latent)
         n, _, Dd = x.shape
         if self.mask_mode == "drop":
-            mid = (x.shape[1] - 1) // 2
-            cls, visible = x[:, mid:mid + 1], torch.cat([x[:, :mid], x[:, mid + 1:]], dim=1)
-            patches = self.decoder_mask_token.to(x.dtype).expand(n, self.encoder.num_patches, Dd).clone()
+            cls, visible = enc.split_cls(x)
+            patches = self.decoder_mask_token.to(x.dtype).expand(n, enc.num_patches, Dd).clone()
             patches = patches.scatter(1, ids_keep.unsqueeze(-1).expand(-1, -1, Dd), visible)   # back in place
-            x = torch.cat([patches[:, :self.cls_index], cls, patches[:, self.cls_index:]], dim=1)
+            x = enc.join_cls(patches, cls)
         x = x + self.decoder_pos_embed
         for block in self.decoder_blocks:
             x = block(x)
         x = self.decoder_pred(self.decoder_norm(x))
-        return torch.cat([x[:, :self.cls_index], x[:, self.cls_index + 1:]], dim=1)
+        return enc.split_cls(x)[1]
 
     def target(self, imgs):
         """Regression target per patch: pixels, normalised per patch when norm_pix_loss."""

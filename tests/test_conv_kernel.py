@@ -175,7 +175,7 @@ def test_dispatch_through_kernels_package():
     # on CPU the default backend is the reference
     assert torch.equal(kernels.bidirectional_conv1d_silu(x, weight, bias),
                        bidirectional_conv1d_silu_ref(x, weight, bias))
-    with pytest.raises(ValueError, match="unknown conv backend"):
+    with pytest.raises(ValueError, match="unknown kernel backend"):
         kernels.bidirectional_conv1d_silu(x, weight, bias, backend="cuda")
 
 

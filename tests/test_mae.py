@@ -39,7 +39,7 @@ def test_patchify_roundtrip_including_overlapping_windows():
 def test_drop_mode_puts_class_token_in_the_middle_of_visible_tokens(monkeypatch):
     mae = tiny_mae(mask_ratio=0.75)
     seen = {}
-    monkeypatch.setattr(mae.encoder, "forward_blocks", lambda x: seen.setdefault("x", x))
+    monkeypatch.setattr(mae.encoder, "forward_blocks", lambda x, **kw: seen.setdefault("x", x))
     imgs = torch.randn(2, 3, 32, 32)
     _, ids_keep, _ = mae.forward_encoder(imgs)
     x = seen["x"]
@@ -54,7 +54,7 @@ def test_drop_mode_puts_class_token_in_the_middle_of_visible_tokens(monkeypatch)
 def test_keep_mode_feeds_whole_grid_with_mask_tokens(monkeypatch):
     mae = tiny_mae(mask_mode="keep")
     seen = {}
-    monkeypatch.setattr(mae.encoder, "forward_blocks", lambda x: seen.setdefault("x", x))
+    monkeypatch.setattr(mae.encoder, "forward_blocks", lambda x, **kw: seen.setdefault("x", x))
     imgs = torch.randn(2, 3, 32, 32)
     _, _, mask = mae.forward_encoder(imgs)
     x = seen["x"]

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 import models
 from kernels import selective_scan_ref
 from models import load_checkpoint, resize_pos_embed
-from models.vim import BiMambaMixer
+from models.vim import MambaMixer
 
 EXPECTED = {  # (params at stride 16 or 8, D, E, depth): VIM_SPEC
     "vim_tiny_patch16_224": (7_148_008, 192),
@@ -202,7 +202,7 @@ def test_mixer_equals_the_plain_reference_computation(backend):
     torch.manual_seed(0)
     dtype = torch.float64 if backend == "reference" else torch.float32
     device = "cuda" if backend == "triton" and torch.cuda.is_available() else "cpu"  # else Triton's interpreter
-    mixer = BiMambaMixer(24, d_state=8, scan_backend=backend).to(device, dtype)
+    mixer = MambaMixer(24, d_state=8, scan_backend=backend).to(device, dtype)
     mixer.init_weights()
     h = torch.randn(2, 11, 24, dtype=dtype, device=device, requires_grad=True)
     out = mixer(h)

@@ -78,5 +78,5 @@ def test_shape_errors_and_unknown_backend():
     args = random_inputs(1, 3, 9, 4)
     with pytest.raises(ValueError, match="z must have shape"):
         bidirectional_scan(*args[:6], args[6][..., :5], args[7], backend="reference")
-    with pytest.raises(ValueError, match="unknown scan backend"):
+    with pytest.raises(ValueError, match="unknown kernel backend"):
         bidirectional_scan(*args, backend="cuda-magic")
