@@ -38,3 +38,24 @@ def read_losses(output_dir):
     """{step: loss} of the training lines of metrics.jsonl."""
     lines = (Path(output_dir) / "metrics.jsonl").read_text().splitlines()
     return {r["step"]: r["loss"] for r in map(json.loads, lines) if "loss" in r}
+
+
+def interpreted_kernel_modules(*names):
+    """The kernel modules `names` with their Triton kernels built by Triton's interpreter; modules imported earlier
+    without it (by another test module) are reloaded, in the order given (dependencies first). Skips the calling
+    test module when the interpreter is not active. Call at import time, after TRITON_INTERPRET=1 is set."""
+    import importlib
+
+    import pytest
+
+    def interpreted(module):
+        kinds = {type(v).__name__ for v in vars(module).values()}
+        return "InterpretedFunction" in kinds and "JITFunction" not in kinds
+
+    modules = [importlib.import_module(name) for name in names]
+    if not all(map(interpreted, modules)):
+        modules = [importlib.reload(m) for m in modules]
+    if not all(map(interpreted, modules)):
+        pytest.skip("Triton interpreter not active; the Triton kernel tests need TRITON_INTERPRET=1",
+                    allow_module_level=True)
+    return modules

@@ -6,7 +6,6 @@ Shapes are tiny but cross every border the GPU sees: the token block (L = 70 > 3
 channel block (E = 150 > 128), the batch group of the backward (batch 3 in groups of 2) and the zero padding at both
 sequence ends (L = 1 and 3 < K - 1 halo rows).
 """
-import importlib
 import os
 
 os.environ["TRITON_INTERPRET"] = "1"
@@ -19,20 +18,10 @@ import torch.nn.functional as F  # noqa: E402
 triton = pytest.importorskip("triton")
 
 import kernels  # noqa: E402
-from kernels import conv_triton as ct  # noqa: E402
-from kernels import scan_triton as st  # noqa: E402
+from helpers import interpreted_kernel_modules  # noqa: E402
 from kernels.conv_ref import bidirectional_conv1d_silu_ref  # noqa: E402
 
-
-def _interpreted():
-    return type(ct._conv_fwd_kernel).__name__ == "InterpretedFunction"
-
-
-if not _interpreted():  # imported earlier without the interpreter (another test module): rebuild the kernels
-    importlib.reload(st)
-    importlib.reload(ct)
-if not _interpreted():
-    pytest.skip("Triton interpreter not active; the Triton conv tests need TRITON_INTERPRET=1", allow_module_level=True)
+_, ct = interpreted_kernel_modules("kernels.scan_triton", "kernels.conv_triton")
 
 
 def make_inputs(batch, L, E, K, dtype=torch.float32, layout="half", seed=0):

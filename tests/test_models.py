@@ -179,7 +179,7 @@ def test_mixer_reference_initialisation():
 def mixer_oracle(mixer, hidden_states):
     """The v2 mixer as the public reference computes it: per direction an nn.Conv1d on the (flipped)
     channel-major sequence, separate projections and one selective scan, then the gate and the average."""
-    E, N, R = mixer.d_inner, mixer.d_state, mixer.dt_rank
+    N, R = mixer.d_state, mixer.dt_rank
     x, z = mixer.in_proj(hidden_states).transpose(1, 2).chunk(2, dim=1)
     L = x.shape[-1]
     ys = []

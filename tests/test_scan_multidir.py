@@ -4,7 +4,6 @@ and every gradient), and the two-direction special case against bidirectional_sc
 The Triton kernel runs on CPU through Triton's interpreter (TRITON_INTERPRET=1, set before triton is imported), on
 tiny shapes with small chunk sizes and checkpoint intervals so that every boundary of long sequences is crossed.
 """
-import importlib
 import os
 
 os.environ["TRITON_INTERPRET"] = "1"
@@ -16,20 +15,10 @@ import torch.nn.functional as F  # noqa: E402
 triton = pytest.importorskip("triton")
 
 import kernels  # noqa: E402
-from kernels import scan_multidir_triton as md  # noqa: E402
-from kernels import scan_triton as st  # noqa: E402
+from helpers import interpreted_kernel_modules  # noqa: E402
 from kernels.scan_ref import multidirectional_scan_ref  # noqa: E402
 
-
-def _interpreted():
-    return type(md._md_scan_fwd_kernel).__name__ == "InterpretedFunction"
-
-
-if not _interpreted():  # imported earlier without the interpreter (another test module): rebuild the kernels
-    importlib.reload(st)
-    importlib.reload(md)
-if not _interpreted():
-    pytest.skip("Triton interpreter not active; the Triton scan tests need TRITON_INTERPRET=1", allow_module_level=True)
+_, md = interpreted_kernel_modules("kernels.scan_triton", "kernels.scan_multidir_triton")
 
 NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
 # the tolerances of tests/test_scan_triton.py (VIM_SPEC), atol relative to the largest reference value

@@ -4,7 +4,6 @@ Runs on CPU through Triton's interpreter (TRITON_INTERPRET=1, set here before tr
 Shapes are tiny (the interpreter executes every program in numpy); chunk sizes and checkpoint intervals are passed
 small so that every boundary the GPU sees at long sequences is crossed here too.
 """
-import importlib
 import os
 
 os.environ["TRITON_INTERPRET"] = "1"
@@ -15,18 +14,10 @@ import torch  # noqa: E402
 triton = pytest.importorskip("triton")
 
 import kernels  # noqa: E402
-from kernels import scan_triton as st  # noqa: E402
+from helpers import interpreted_kernel_modules  # noqa: E402
 from kernels.scan_ref import bidirectional_scan_ref  # noqa: E402
 
-
-def _interpreted():
-    return type(st._scan_fwd_kernel).__name__ == "InterpretedFunction"
-
-
-if not _interpreted():  # imported earlier without the interpreter (another test module): rebuild the kernels
-    importlib.reload(st)
-if not _interpreted():
-    pytest.skip("Triton interpreter not active; the Triton scan tests need TRITON_INTERPRET=1", allow_module_level=True)
+st, = interpreted_kernel_modules("kernels.scan_triton")
 
 NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
 # VIM_SPEC tolerances (fp32 vs an fp32 reference): forward rtol 6e-4 / atol 2e-3; gradients du 2x, ddelta 5x rtol and
