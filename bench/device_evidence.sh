@@ -4,6 +4,7 @@
 #   bench/device_evidence.sh equal_time SUP_EPOCHS MAE_EPOCHS FT_EPOCHS [seed]
 #   bench/device_evidence.sh probes [seed]          linear probes of the MAE encoder and of a random one
 #   bench/device_evidence.sh deit EPOCHS [seed]
+#   bench/device_evidence.sh clip CLIP_EPOCHS FT_EPOCHS [seed]   CLIP -> zero-shot, fine-tune and linear probe
 # Each run is capped (SIGTERM: checkpoint + export); metrics and results land in runs/evidence/, copies in ${OUT:-outputs}.
 set -uo pipefail
 export PYTHONUNBUFFERED=1
@@ -35,6 +36,16 @@ probes() {
   local common="train.epochs=30 data.batch_size=1024 seed=$seed"
   run lp_mae_s$seed $lp --pretrained $root/mae_encoder_s$seed.safetensors $common &
   run lp_random_s$seed $lp $common &
+  wait
+}
+clip() {
+  local ep=$1 ft=$2 seed=${3:-0}
+  run clip${ep}_s$seed run_pretrain.py --objective clip --config $EX/cifar10_clip_vim_tiny.yaml \
+    train.epochs=$ep optim.warmup_epochs=1 seed=$seed
+  run clip${ep}_ft${ft}_s$seed run_finetune.py --task classification --config $EX/cifar10_finetune_clip_vim_tiny.yaml \
+    --pretrained $root/clip${ep}_s$seed/encoder.safetensors train.epochs=$ft train.eval_every=1 seed=$seed &
+  run lp_clip_s$seed run_finetune.py --task linprobe --config configs/finetune/cifar10_linprobe_vim_tiny.yaml \
+    --pretrained $root/clip${ep}_s$seed/encoder.safetensors train.epochs=30 data.batch_size=1024 seed=$seed &
   wait
 }
 deit() {
