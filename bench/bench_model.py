@@ -66,6 +66,8 @@ def measure(name, size, batch, train, args):
 
     try:
         step()  # creates the optimizer state before the baseline is read
+        if args.cuda_graph and not train:
+            step = _graphed(step)
         torch.cuda.synchronize()
         held = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
@@ -76,6 +78,20 @@ def measure(name, size, batch, train, args):
     finally:
         del model, forward, opt
     return batch / ms * 1e3, peak
+
+
+def _graphed(step):
+    """step captured once in a CUDA graph (static input and output buffers) and replayed: no launch overhead."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    return graph.replay
 
 
 def cell(result):
@@ -91,11 +107,13 @@ def main():
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--backend", default=None, help="Vim scan backend (default: the best available)")
     parser.add_argument("--compile", action="store_true", help="torch.compile both models")
+    parser.add_argument("--cuda-graph", action="store_true", help="inference replayed from a CUDA graph (both models)")
     parser.add_argument("--grad-ckpt", type=int, default=0, metavar="SIZE",
                         help="activation checkpointing for training at this resolution and above (0 = off)")
     args = parser.parse_args()
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, timm {timm.__version__}, "
-          f"triton {__import__('triton').__version__}, compile={args.compile}, grad_ckpt>={args.grad_ckpt or 'off'}")
+          f"triton {__import__('triton').__version__}, compile={args.compile}, cuda_graph={args.cuda_graph}, "
+          f"grad_ckpt>={args.grad_ckpt or 'off'}")
     print("| mode | size | batch | model | Vim images/s (peak) | DeiT images/s (peak) | Vim / DeiT |")
     print("|---|---|---|---|---|---|---|")
     for mode in args.modes:
