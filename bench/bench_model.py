@@ -75,8 +75,6 @@ def measure(name, size, batch, train, args):
         peak = (torch.cuda.max_memory_allocated() - held) / 2**20
     except torch.cuda.OutOfMemoryError:
         return None
-    finally:
-        del model, forward, opt
     return batch / ms * 1e3, peak
 
 

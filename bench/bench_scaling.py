@@ -61,11 +61,6 @@ def run(objective, stage, args, dist):
     peak = torch.tensor(torch.cuda.max_memory_allocated() / 2**30 if on_gpu else 0.0, device=dist.device)
     torch.distributed.all_reduce(peak, op=torch.distributed.ReduceOp.MAX)
     engine.destroy()
-    del engine, optimizer, module, batch
-    gc.collect()
-    if on_gpu:
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
     return {"objective": objective, "model": args.model, "zero": stage, "gpus": dist.world_size,
             "batch_per_gpu": args.batch, "images_per_s": args.steps * args.batch * dist.world_size / elapsed,
             "step_ms": elapsed / args.steps * 1e3, "peak_gib_per_rank": peak.item()}
@@ -88,6 +83,10 @@ def main():
     for objective in args.objectives:
         for stage in args.stages:
             row = run(objective, stage, args, dist)
+            gc.collect()  # the engine, module and batch of that run go before the next is built
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats()
             if dist.is_main:
                 print(f"| {objective} | {args.model} | {stage} | {dist.world_size} | {args.batch} | "
                       f"{row['images_per_s']:,.0f} | {row['step_ms']:.1f} | {row['peak_gib_per_rank']:.1f} |", flush=True)
