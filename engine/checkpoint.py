@@ -109,3 +109,9 @@ def export_encoder(state_dict, model_config, path):
     save_file({k: v.detach().contiguous().cpu() for k, v in state_dict.items()}, str(path))
     path.with_suffix(".json").write_text(json.dumps(model_config, indent=2))
     return path
+
+
+def read_export_config(path):
+    """The model config export_encoder wrote beside the weights at `path`, or None (e.g. a public checkpoint)."""
+    meta = Path(path).with_suffix(".json")
+    return json.loads(meta.read_text()) if meta.is_file() else None

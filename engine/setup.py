@@ -1,10 +1,10 @@
 """What both entry points do before training: parse the command line, join the process group, seed,
 turn the data section of the config into loaders, and take a pretrained encoder's variant from its export."""
 import argparse
-import json
 from pathlib import Path
 
 import data
+from .checkpoint import read_export_config
 from .config import load_config
 from .distributed import init_distributed, seed_everything
 
@@ -82,10 +82,11 @@ def adopt_export_design(cfg, path, is_main=True):
     unset is taken from the export; one it sets to another value stops the run. Files without the json (public
     Vim checkpoints) are the default variant and are left to the config.
     """
-    meta = Path(path).with_suffix(".json") if path else None
-    if meta is None or not meta.is_file():
+    exported = read_export_config(path) if path else None
+    if exported is None:
         return
-    saved = json.loads(meta.read_text()).get("kwargs", {})
+    meta = Path(path).with_suffix(".json")
+    saved = exported.get("kwargs", {})
     for key, default in DESIGN_DEFAULTS.items():
         theirs, mine = saved.get(key), getattr(cfg.model, key)
         if mine is None:

@@ -158,9 +158,8 @@ class MambaMixer(nn.Module):
         A = -torch.exp(torch.stack([self.A_log, self.A_b_log]).float())
         D = torch.stack([self.D, self.D_b]).float()
         delta_bias = torch.stack([self.dt_proj.bias, self.dt_proj_b.bias]).float()
-        y = bidirectional_scan(channels_first(u.flatten(1, 2)), channels_first(delta), A, channels_first(B),
-                               channels_first(C), D, z.transpose(1, 2), delta_bias, backend=self.scan_backend)
-        return y
+        return bidirectional_scan(u.transpose(-1, -2), channels_first(delta), A, channels_first(B),
+                                  channels_first(C), D, z.transpose(1, 2), delta_bias, backend=self.scan_backend)
 
     def no_weight_decay(self):
         """Names of the A and D parameters (kept in fp32, never decayed)."""
