@@ -1,0 +1,94 @@
+"""The mixer's x_proj / dt_proj matmuls of both directions, forward + backward, in three layouts, on one GPU.
+
+Vim-T's x_proj output is dt_rank + 2 * d_state = 12 + 32 = 44 columns and dt_proj's inner size is 12: neither is
+a multiple of 8 bf16 elements, which keeps cuBLAS off its fastest tensor-core kernels. Layouts timed:
+  batched   one bmm for both directions (the model today), the 44-wide output split into views
+  padded    the same with dt_rank zero-padded to a multiple of 8 (x_proj rows and dt_proj columns of zeros added
+            to the weights on the fly), so every matmul dimension and every view's offset is 16-byte aligned
+  per-dir   F.linear per direction
+The three compute the same delta, B and C (checked against float64 first). bf16 autocast, fp32 weights,
+CUDA-event medians of forward + backward (gradients of u and of the weights).
+
+    python bench/bench_projections.py
+"""
+import math
+import statistics
+
+import torch
+import torch.nn.functional as F
+
+SHAPES = [  # (name, tokens = batch x L, E, dt_rank, d_state)
+    ("Vim-T 224 train (128 x 197)", 128 * 197, 384, 12, 16),
+    ("Vim-S 224 train (128 x 197)", 128 * 197, 768, 24, 16),
+    ("Vim-B 224 train (128 x 197)", 128 * 197, 1536, 48, 16),
+    ("Vim-T 1248 (8 x 6085)", 8 * 6085, 384, 12, 16),
+    ("Vim-T 32 px CIFAR (512 x 65)", 512 * 65, 384, 12, 16),
+]
+
+
+def batched(u, x_w, dt_w, R, N):
+    x_dbl = u @ x_w.transpose(1, 2)
+    dt_low, B, C = x_dbl.split([R, N, N], dim=-1)
+    return dt_low @ dt_w.transpose(1, 2), B, C
+
+
+def padded(u, x_w, dt_w, R, N):
+    pad = -R % 8
+    zeros = x_w.new_zeros(2, pad, x_w.shape[-1])
+    x_dbl = u @ torch.cat([x_w[:, :R], zeros, x_w[:, R:]], dim=1).transpose(1, 2)
+    delta = x_dbl[..., :R + pad] @ F.pad(dt_w, (0, pad)).transpose(1, 2)
+    return delta, x_dbl[..., R + pad:R + pad + N], x_dbl[..., R + pad + N:]
+
+
+def per_direction(u, x_w, dt_w, R, N):
+    outs = []
+    for d in range(2):
+        dt_low, B, C = F.linear(u[d], x_w[d]).split([R, N, N], dim=-1)
+        outs.append((F.linear(dt_low, dt_w[d]), B, C))
+    return [torch.stack(t) for t in zip(*outs)]
+
+
+LAYOUTS = {"batched": batched, "padded": padded, "per-dir": per_direction}
+
+
+def median_ms(fn, steps=50, warmup=10):
+    times = []
+    for i in range(warmup + steps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        if i >= warmup:
+            times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def main():
+    torch.manual_seed(0)
+    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}")
+    print("| shape | " + " | ".join(f"{k} fwd+bwd ms" for k in LAYOUTS) + " | max rel. error vs fp64 |")
+    print("|---|" + "---|" * (len(LAYOUTS) + 1))
+    for name, T, E, R, N in SHAPES:
+        u = torch.randn(2, T, E, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        x_w = (torch.randn(2, R + 2 * N, E, device="cuda") / math.sqrt(E)).requires_grad_()
+        dt_w = (torch.randn(2, E, R, device="cuda") / math.sqrt(R)).requires_grad_()
+        grads = [torch.randn(2, T, c, device="cuda", dtype=torch.bfloat16) for c in (E, N, N)]
+        exact = batched(u.double(), x_w.double(), dt_w.double(), R, N)
+        errors, times = [], []
+        for layout in LAYOUTS.values():
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                out = layout(u, x_w, dt_w, R, N)
+            errors.append(max(((o.double() - e).norm() / e.norm()).item() for o, e in zip(out, exact)))
+
+            def step():
+                with torch.autocast("cuda", dtype=torch.bfloat16):
+                    outs = layout(u, x_w, dt_w, R, N)
+                torch.autograd.backward(outs, grads)
+
+            times.append(median_ms(step))
+        print(f"| {name} | " + " | ".join(f"{t:.3f}" for t in times) + f" | {max(errors):.1e} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
