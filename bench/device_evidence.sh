@@ -16,8 +16,10 @@ WORKERS=${WORKERS:-12}
 run() {  # NAME SCRIPT ARGS...: one run, then a summary line with its results and wall time
   local name=$1 start=$SECONDS; shift
   python "$@" output_dir=$root/$name data.num_workers=$WORKERS > $root/$name.log 2>&1
-  echo "== $name: exit $?, $((SECONDS - start)) s; results: $(tr -d '\n ' < $root/$name/results.json 2>/dev/null)"
+  local status=$?
+  echo "== $name: exit $status, $((SECONDS - start)) s; results: $(tr -d '\n ' < $root/$name/results.json 2>/dev/null)"
   grep -E "Error" $root/$name.log | tail -2
+  return $status
 }
 sup() {
   run sup$1_s${2:-0} run_finetune.py --task classification --config $EX/cifar10_supervised_vim_tiny.yaml \
