@@ -563,8 +563,9 @@ def _scan_bwd_kernel(
     dA_acc = tl.zeros([BLOCK_N, BLOCK_E], tl.float32)
     dD_acc = tl.zeros([BLOCK_E], tl.float32)
     db_acc = tl.zeros([BLOCK_E], tl.float32)
-    for jbr in range(0, nblk):
-        jb = nblk - 1 - jbr
+    nblk_here = tl.cdiv(T, CK)  # a short last chunk has fewer blocks than the scratch is sized for
+    for jbr in range(0, nblk_here):
+        jb = nblk_here - 1 - jbr
         pb = jb * CK
         h = tl.load(ck + jb * TILE + ck_off)
         h = _sweep(h, A2, bias, pb, tl.minimum(pb + CK, T), T, tbase, tstep, u_p, d_p, B_p, su_l, sd_l, sB_l, me, mn,

@@ -59,3 +59,60 @@ def interpreted_kernel_modules(*names):
         pytest.skip("Triton interpreter not active; the Triton kernel tests need TRITON_INTERPRET=1",
                     allow_module_level=True)
     return modules
+
+
+class OutOfBounds(AssertionError):
+    pass
+
+
+class interpreter_bounds_check:
+    """Context manager: under Triton's interpreter, every load and store a kernel makes on an unmasked lane must
+    address one of the tensors passed to that kernel; the first that does not raises OutOfBounds naming the kernel.
+    A GPU faults on such an access (or reads garbage) where the interpreter reads whatever memory lies there, so
+    this catches on the CPU what would otherwise first show as an illegal memory access on the device."""
+
+    def __enter__(self):
+        import numpy as np
+        import torch
+        from triton.runtime import interpreter
+
+        self.patched = [(interpreter.GridExecutor, "_init_args_hst"),
+                        (interpreter.InterpreterBuilder, "create_masked_load"),
+                        (interpreter.InterpreterBuilder, "create_masked_store")]
+        self.saved = [getattr(cls, name) for cls, name in self.patched]
+        init_args, masked_load, masked_store = self.saved
+        state = {"kernel": None, "ranges": []}
+
+        def init_args_checked(executor, args_dev, kwargs):
+            args_hst, kwargs_hst = init_args(executor, args_dev, kwargs)
+            storages = [a.untyped_storage() for a in (*args_hst, *kwargs_hst.values()) if isinstance(a, torch.Tensor)]
+            state["ranges"] = [(s.data_ptr(), s.data_ptr() + s.nbytes()) for s in storages]
+            state["kernel"] = getattr(executor.fn, "__name__", str(executor.fn))
+            return args_hst, kwargs_hst
+
+        def check(builder, ptrs, mask, kind):
+            active = mask.data.astype(bool)  # masks come as bool or as 0/1 integers
+            addresses = np.broadcast_to(ptrs.data, active.shape)[active].astype(np.uint64)
+            inside = np.zeros(addresses.shape, dtype=bool)
+            for low, high in state["ranges"]:
+                inside |= (addresses >= low) & (addresses < high)
+            if not inside.all():
+                raise OutOfBounds(f"{state['kernel']}: {kind} outside its tensors on {int((~inside).sum())} lanes "
+                                  f"of program {tuple(builder.grid_idx)}")
+
+        def load_checked(builder, ptrs, mask, other, *args):
+            check(builder, ptrs, mask, "load")
+            return masked_load(builder, ptrs, mask, other, *args)
+
+        def store_checked(builder, ptrs, value, mask, *args):
+            check(builder, ptrs, mask, "store")
+            return masked_store(builder, ptrs, value, mask, *args)
+
+        for (cls, name), fn in zip(self.patched, (init_args_checked, load_checked, store_checked)):
+            setattr(cls, name, fn)
+        return self
+
+    def __exit__(self, *exc):
+        for (cls, name), fn in zip(self.patched, self.saved):
+            setattr(cls, name, fn)
+        return False

@@ -18,7 +18,7 @@ import torch.nn.functional as F  # noqa: E402
 triton = pytest.importorskip("triton")
 
 import kernels  # noqa: E402
-from helpers import interpreted_kernel_modules  # noqa: E402
+from helpers import interpreted_kernel_modules, interpreter_bounds_check  # noqa: E402
 from kernels.conv_ref import bidirectional_conv1d_silu_ref  # noqa: E402
 
 _, ct = interpreted_kernel_modules("kernels.scan_triton", "kernels.conv_triton")
@@ -142,6 +142,15 @@ def test_low_precision_within_twice_reference_error(dtype):
     # only in summation order round to the same value almost always
     for name, g, lo in zip(("u", "dx"), got, low):
         assert (g == lo).double().mean() > 0.9, name
+
+
+def test_every_access_inside_the_tensors():
+    """Forward and backward touch only their tensors' memory (a stray access faults on the GPU): x a view of the
+    first half of the in_proj output, a partial channel block, a partial last token block."""
+    base, weight, bias = make_inputs(2, 70, 40, 4, dtype=torch.bfloat16)
+    du = torch.randn(2, 2, 70, 40, generator=torch.Generator().manual_seed(1))
+    with interpreter_bounds_check():
+        run(ct.bidirectional_conv1d_silu_triton, base, weight, bias, 40, du)
 
 
 def test_deterministic_and_no_grad_path():

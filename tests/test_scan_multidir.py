@@ -15,7 +15,7 @@ import torch.nn.functional as F  # noqa: E402
 triton = pytest.importorskip("triton")
 
 import kernels  # noqa: E402
-from helpers import interpreted_kernel_modules  # noqa: E402
+from helpers import interpreted_kernel_modules, interpreter_bounds_check  # noqa: E402
 from kernels.scan_ref import multidirectional_scan_ref  # noqa: E402
 
 _, md = interpreted_kernel_modules("kernels.scan_triton", "kernels.scan_multidir_triton")
@@ -120,6 +120,16 @@ def test_triton_matches_reference(K, batch, E, L, N, chunk, seg, per_sample):
     for name, g, rg in zip(NAMES, grads, ref_grads):
         assert g.shape == rg.shape and g.dtype == torch.float32, name
         assert_close(f"d{name}", g, rg, *GRAD_TOL[name])
+
+
+def test_every_access_inside_the_tensors():
+    """Forward and backward touch only their tensors' memory: a last chunk shorter than one checkpoint block (the
+    backward once read past the order table there, which faulted on the GPU), per-sample orders, token-major bf16,
+    a partial second channel block."""
+    xs = make_inputs(2, 1, 40, 100, 16, dtype=torch.bfloat16, token_major=True)
+    grad_out = torch.randn(1, 40, 100, generator=torch.Generator().manual_seed(2))
+    with interpreter_bounds_check():  # chunks of 34, 34 and 32 steps: the last needs 2 of the 3 blocks of 16
+        run(md.multidirectional_scan_triton, xs, grad_out, make_orders(2, 100, batch=1), chunk_size=34)
 
 
 @pytest.mark.parametrize("backend", ["reference", "triton"])

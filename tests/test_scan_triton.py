@@ -14,7 +14,7 @@ import torch  # noqa: E402
 triton = pytest.importorskip("triton")
 
 import kernels  # noqa: E402
-from helpers import interpreted_kernel_modules  # noqa: E402
+from helpers import interpreted_kernel_modules, interpreter_bounds_check  # noqa: E402
 from kernels.scan_ref import bidirectional_scan_ref  # noqa: E402
 
 st, = interpreted_kernel_modules("kernels.scan_triton")
@@ -100,6 +100,15 @@ def test_fp32_matches_float64_reference(batch, E, L, N, chunk, seg):
     for name, g, rg in zip(NAMES, grads, ref_grads):
         assert g.shape == rg.shape and g.dtype == xs[NAMES.index(name)].dtype, name
         assert_close(f"d{name}", g, rg, *GRAD_TOL[name])
+
+
+def test_every_access_inside_the_tensors():
+    """Forward and backward touch only their tensors' memory (a stray access faults on the GPU): a last chunk
+    shorter than one checkpoint block, token-major bf16, a partial second channel block."""
+    xs = make_inputs(1, 40, 100, 16, dtype=torch.bfloat16, layout="token_major")
+    grad_out = torch.randn(1, 40, 100, generator=torch.Generator().manual_seed(1))
+    with interpreter_bounds_check():  # chunks of 34, 34 and 32 tokens: the last needs 2 of the 3 blocks of 16
+        run(st.bidirectional_scan_triton, xs, grad_out, chunk_size=34)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
