@@ -3,7 +3,8 @@
 # shards/cifar10. One arm runs on the GPUs it is given; bench/device_lanes.sh runs several arms side by side, one
 # GPU each, and caps them. Outputs in runs/evidence/NAME (metrics.jsonl, results.json, encoder.safetensors).
 #   bench/device_evidence.sh sup EPOCHS [seed]            supervised Vim-T from scratch
-#   bench/device_evidence.sh mae_ft MAE_EPOCHS FT_EPOCHS [seed]   MAE pretraining, then fine-tuning its encoder
+#   bench/device_evidence.sh mae_ft MAE_EPOCHS FT_EPOCHS [seed [override...]]   MAE pretraining (with the mae.*
+#                                                         overrides given), then fine-tuning its encoder
 #   bench/device_evidence.sh clip_ft CLIP_EPOCHS FT_EPOCHS [seed] CLIP pretraining (zero-shot), then fine-tuning
 #   bench/device_evidence.sh probe NAME [seed]            linear probe of runs/evidence/NAME's encoder; NAME=random:
 #                                                         of a randomly initialised Vim-T
@@ -25,12 +26,15 @@ sup() {
   run sup$1_s${2:-0} run_finetune.py --task classification --config $EX/cifar10_supervised_vim_tiny.yaml \
     train.epochs=$1 optim.warmup_epochs=2 train.eval_every=1 seed=${2:-0}
 }
-mae_ft() {
-  local name=mae$1_s${3:-0}
+mae_ft() {  # MAE_EPOCHS FT_EPOCHS [SEED [MAE OVERRIDES...]]: overrides (e.g. mae.mask_ratio=0.5) name the run
+  local epochs=$1 ft=$2 seed=${3:-0} tag
+  shift $(( $# < 3 ? $# : 3 ))
+  tag=$(printf "_%s" "$@" | sed -e 's/mae\.//g' -e 's/[=,]/-/g' -e 's/[^A-Za-z0-9_.-]//g')
+  local name=mae${epochs}_s${seed}${tag%_}
   run $name run_pretrain.py --objective mae --config $EX/cifar10_mae_vim_tiny.yaml \
-    train.epochs=$1 optim.warmup_epochs=1 seed=${3:-0} &&
-  run ${name}_ft$2 run_finetune.py --task classification --config $EX/cifar10_finetune_mae_vim_tiny.yaml \
-    --pretrained $root/$name/encoder.safetensors train.epochs=$2 train.eval_every=1 seed=${3:-0}
+    train.epochs=$epochs optim.warmup_epochs=1 seed=$seed "$@" &&
+  run ${name}_ft$ft run_finetune.py --task classification --config $EX/cifar10_finetune_mae_vim_tiny.yaml \
+    --pretrained $root/$name/encoder.safetensors train.epochs=$ft train.eval_every=1 seed=$seed
 }
 clip_ft() {
   local name=clip$1_s${3:-0}

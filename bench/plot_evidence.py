@@ -1,0 +1,65 @@
+"""The CIFAR-10 evidence figure of RESULTS.md from the runs' own files (results/evidence_cifar10/).
+
+    python bench/plot_evidence.py [--runs results/evidence_cifar10] [--out results/evidence_cifar10.png]
+
+Left: cifar10-val top-1 after each epoch of the supervised or fine-tuning phase of every arm. Right: the final
+top-1 of each run against its arm's total GPU minutes (pretraining + fine-tuning, wall time of each run on its own
+H100, from run_times.txt, which holds the "== NAME: exit S, T s" lines bench/device_evidence.sh prints).
+"""
+import argparse
+import json
+import re
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+# arm label -> (fine-tuning run, pretraining run or None) per seed
+ARMS = {
+    "supervised, 12 epochs": [("sup12_s0", None), ("sup12_s1", None)],
+    "supervised, 6 epochs": [("sup6_s0", None)],
+    "MAE 10 ep. -> fine-tune 6": [("mae10_s0_ft6", "mae10_s0"), ("mae10_s1_ft6", "mae10_s1")],
+    "CLIP 4 ep. -> fine-tune 4": [("clip4_s0_ft4", "clip4_s0")],
+    "DeiT-T supervised, 12 epochs": [("deit12_s0", None)],
+}
+
+
+def top1_per_epoch(run_dir):
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r["top1"] for r in records if "top1" in r]
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--runs", default="results/evidence_cifar10")
+    parser.add_argument("--out", default="results/evidence_cifar10.png")
+    args = parser.parse_args()
+    runs = Path(args.runs)
+    seconds = {}
+    for line in (runs / "run_times.txt").read_text().splitlines():
+        found = re.search(r"== (\S+): exit \d+, (\d+) s", line)
+        if found:
+            seconds[found[1]] = int(found[2])  # a later line (a re-run) replaces an earlier one
+    fig, (curves, budget) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for color, (label, seeds) in zip(plt.rcParams["axes.prop_cycle"].by_key()["color"], ARMS.items()):
+        for i, (finetune, pretrain) in enumerate(seeds):
+            top1 = top1_per_epoch(runs / finetune)
+            curves.plot(range(1, len(top1) + 1), top1, "o-", color=color, label=label if i == 0 else None, ms=3)
+            minutes = (seconds[finetune] + (seconds[pretrain] if pretrain else 0)) / 60
+            budget.scatter(minutes, top1[-1], color=color, label=label if i == 0 else None)
+    curves.set(xlabel="epoch of the supervised / fine-tuning phase", ylabel="cifar10-val top-1 (%)",
+               title="Vim-T 32x32: top-1 after each epoch")
+    budget.set(xlabel="GPU minutes of the arm (pretraining + fine-tuning, one H100)", ylabel="final top-1 (%)",
+               title="final top-1 against the arm's GPU time")
+    for ax in (curves, budget):
+        ax.grid(alpha=0.3)
+    budget.legend(fontsize=8, loc="upper left")
+    fig.tight_layout()
+    fig.savefig(args.out, dpi=110)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
