@@ -10,7 +10,6 @@ included.
     python bench/bench_design_space.py --params          # the parameter-count table of the README (CPU only)
 """
 import argparse
-import statistics
 import sys
 from pathlib import Path
 
@@ -21,6 +20,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import models  # noqa: E402,F401  (registers the Vim models)
+from bench.timing import cuda_median_ms  # noqa: E402
 
 FOUR = ["row", "row_reverse", "col", "col_reverse"]
 SPEED_VARIANTS = [
@@ -48,19 +48,6 @@ def print_params():
         print(f"| {label} | {sum(p.numel() for p in model.parameters()):,} |")
 
 
-def median_ms(fn, steps, warmup):
-    times = []
-    for i in range(warmup + steps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        if i >= warmup:
-            times.append(start.elapsed_time(end))
-    return statistics.median(times)
-
-
 def bench_model(kwargs, batch, steps, warmup, device):
     """(train step ms, inference ms, peak GiB of the training step) of Vim-T with `kwargs`."""
     torch.cuda.reset_peak_memory_stats()
@@ -82,10 +69,10 @@ def bench_model(kwargs, batch, steps, warmup, device):
             model(images)
 
     model.train()
-    train_ms = median_ms(train_step, steps, warmup)
+    train_ms = cuda_median_ms(train_step, steps, warmup)
     peak = torch.cuda.max_memory_allocated() / 2**30
     model.eval()
-    infer_ms = median_ms(infer, steps, warmup)
+    infer_ms = cuda_median_ms(infer, steps, warmup)
     return train_ms, infer_ms, peak
 
 

@@ -9,34 +9,19 @@ Peak memory is torch.cuda.max_memory_allocated over the timed steps minus the me
 (parameters and optimizer state), i.e. the activations and workspaces a batch needs.
 """
 import argparse
-import statistics
 
 import timm
 import torch
 import torch.nn.functional as F
 
 import models  # noqa: F401  (registers the Vim models)
+from bench.timing import cuda_median_ms
 
 PAIRS = {"tiny": ("vim_tiny_patch16_224", "deit_tiny_patch16_224"),
          "small": ("vim_small_patch16_224", "deit_small_patch16_224"),
          "base": ("vim_base_patch16_224", "deit_base_patch16_224")}
 INFER_BATCH = {224: 64, 512: 64, 1024: 8, 1248: 8, 2048: 2}
 TRAIN_BATCH = {224: 128, 512: 32, 1024: 8, 1248: 8, 2048: 2}
-
-
-def median_ms(step, warmup, steps, budget_ms=3000.0):
-    """Median of CUDA-event times of step(); stops early once budget_ms of timed work is done."""
-    for _ in range(warmup):
-        step()
-    times = []
-    while len(times) < steps and sum(times) < budget_ms:
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        step()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
 
 
 def measure(name, size, batch, train, args):
@@ -71,7 +56,7 @@ def measure(name, size, batch, train, args):
         torch.cuda.synchronize()
         held = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
-        ms = median_ms(step, args.warmup, args.steps)
+        ms = cuda_median_ms(step, args.steps, args.warmup, budget_ms=3000.0)
         peak = (torch.cuda.max_memory_allocated() - held) / 2**20
     except torch.cuda.OutOfMemoryError:
         return None

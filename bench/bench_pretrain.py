@@ -4,12 +4,12 @@ data loader): forward + backward + AdamW step under bf16 autocast, CUDA-event me
     python -m bench.bench_pretrain [--models vim_tiny_patch16_224 vim_small_patch16_224] [--batch 128]
 """
 import argparse
-import statistics
 
 import timm
 import torch
 
 import models  # noqa: F401
+from bench.timing import cuda_median_ms
 from pretrain.clip import ClipModel, build_text_tower
 from pretrain.mae import MaskedAutoencoder
 
@@ -30,20 +30,15 @@ def build(objective, name, batch, device, rank=0, world_size=1):
 def time_steps(module, batch_fn, steps, warmup):
     opt = torch.optim.AdamW(module.parameters(), lr=1e-4, fused=True)
     batch = batch_fn()
-    times = []
-    for i in range(warmup + steps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
+
+    def step():
         with torch.autocast("cuda", dtype=torch.bfloat16):
             loss, _ = module(batch)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        end.record()
-        end.synchronize()
-        if i >= warmup:
-            times.append(start.elapsed_time(end))
-    return statistics.median(times)
+
+    return cuda_median_ms(step, steps, warmup)
 
 
 def main():

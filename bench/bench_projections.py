@@ -12,10 +12,15 @@ CUDA-event medians of forward + backward (gradients of u and of the weights).
     python bench/bench_projections.py
 """
 import math
-import statistics
+import sys
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.timing import cuda_median_ms  # noqa: E402
 
 SHAPES = [  # (name, tokens = batch x L, E, dt_rank, d_state)
     ("Vim-T 224 train (128 x 197)", 128 * 197, 384, 12, 16),
@@ -51,19 +56,6 @@ def per_direction(u, x_w, dt_w, R, N):
 LAYOUTS = {"batched": batched, "padded": padded, "per-dir": per_direction}
 
 
-def median_ms(fn, steps=50, warmup=10):
-    times = []
-    for i in range(warmup + steps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        if i >= warmup:
-            times.append(start.elapsed_time(end))
-    return statistics.median(times)
-
-
 def main():
     torch.manual_seed(0)
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}")
@@ -86,7 +78,7 @@ def main():
                     outs = layout(u, x_w, dt_w, R, N)
                 torch.autograd.backward(outs, grads)
 
-            times.append(median_ms(step))
+            times.append(cuda_median_ms(step, steps=50, warmup=10))
         print(f"| {name} | " + " | ".join(f"{t:.3f}" for t in times) + f" | {max(errors):.1e} |", flush=True)
 
 
