@@ -7,7 +7,6 @@ seed; decoding only the sample keys), reads epoch 0 (and 1 with --epochs 2), gat
 prints per epoch: samples the epoch plan calls for, read, distinct, read twice or more, and the dataset samples
 never read (the remainder that does not fill a global batch). Exits 1 if any sample was read twice.
 """
-import argparse
 import sys
 from collections import Counter
 from pathlib import Path

@@ -1,7 +1,6 @@
 """Kernels of Vim's mixer: the bidirectional (and K-directional) selective scan and the bidirectional depthwise
 conv1d + SiLU.
 Functions on tensors only: no parameters, no imports from the rest of the project."""
-import torch
 
 from .conv_ref import bidirectional_conv1d_silu_ref
 from .scan_ref import bidirectional_scan_ref, multidirectional_scan_ref, selective_scan_ref
