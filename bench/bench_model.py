@@ -57,7 +57,8 @@ def measure(name, size, batch, train, args):
         held = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
         ms = cuda_median_ms(step, args.steps, args.warmup, budget_ms=3000.0)
-        peak = (torch.cuda.max_memory_allocated() - held) / 2**20
+        # a replayed graph allocates nothing: its pool was taken at capture, before the counter was reset
+        peak = None if args.cuda_graph and not train else (torch.cuda.max_memory_allocated() - held) / 2**20
     except torch.cuda.OutOfMemoryError:
         return None
     return batch / ms * 1e3, peak
@@ -78,7 +79,9 @@ def _graphed(step):
 
 
 def cell(result):
-    return "OOM" if result is None else f"{result[0]:,.0f} ({result[1]:,.0f} MiB)"
+    if result is None:
+        return "OOM"
+    return f"{result[0]:,.0f}" + ("" if result[1] is None else f" ({result[1]:,.0f} MiB)")
 
 
 def main():
