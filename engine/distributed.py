@@ -1,4 +1,5 @@
 """Process-group setup under the `deepspeed` launcher, torchrun, or plain `python` (one process)."""
+import gc
 import os
 import random
 import socket
@@ -90,5 +91,6 @@ def all_reduce_sum(values, device):
 def shutdown_distributed():
     """Leave the process group before exit, so that no rank's NCCL watchdog outlives rank 0's store."""
     if torch.distributed.is_initialized():
+        gc.collect()  # communication handles that only cycles still hold go now, not during interpreter teardown
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()

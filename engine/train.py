@@ -240,6 +240,9 @@ def train(cfg, module, data, dist, eval_data=None):
     if dist.is_main:
         (out / "results.json").write_text(json.dumps(results, indent=2))
     logger.close()
+    # release DeepSpeed's hooks and pending communication handles while the process group is still up: a gloo
+    # rank once aborted at interpreter exit after a ZeRO-3 run
+    engine.destroy()
     return results
 
 
