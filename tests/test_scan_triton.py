@@ -12,6 +12,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 triton = pytest.importorskip("triton")
+tl = triton.language
 
 import kernels  # noqa: E402
 from helpers import interpreted_kernel_modules, interpreter_bounds_check  # noqa: E402
@@ -100,6 +101,25 @@ def test_fp32_matches_float64_reference(batch, E, L, N, chunk, seg):
     for name, g, rg in zip(NAMES, grads, ref_grads):
         assert g.shape == rg.shape and g.dtype == xs[NAMES.index(name)].dtype, name
         assert_close(f"d{name}", g, rg, *GRAD_TOL[name])
+
+
+@triton.jit
+def _copy_kernel(x_ptr, out_ptr, n, read, BLOCK: tl.constexpr):
+    """out[:n] = x[:n], loading the first `read` elements of x (read > n loads past x's end)."""
+    i = tl.arange(0, BLOCK)
+    tl.store(out_ptr + i, tl.load(x_ptr + i, mask=i < read, other=0.0), mask=i < n)
+
+
+def test_bounds_check_catches_a_stray_load():
+    """The check behind the test below is live: one element read past a tensor's end is caught, the same kernel
+    reading only its tensor passes."""
+    x, out = torch.arange(5.0), torch.empty(5)
+    with interpreter_bounds_check():
+        _copy_kernel[(1,)](x, out, 5, 5, BLOCK=8)
+    assert torch.equal(out, x)
+    with pytest.raises(Exception, match="_copy_kernel: load outside its tensors on 1 lanes"):
+        with interpreter_bounds_check():
+            _copy_kernel[(1,)](x, out, 5, 6, BLOCK=8)
 
 
 def test_every_access_inside_the_tensors():
