@@ -66,6 +66,13 @@ def saved_world_size(folder):
     return json.loads((Path(folder) / COMPLETE).read_text()).get("world_size")
 
 
+def partitioned_for_other_ranks(folder, world_size):
+    """Whether a checkpoint holds ZeRO optimizer partitions laid out for another number of ranks (and so must be
+    made universal first). ZeRO-0 keeps the whole optimizer state in the model file: it loads on any number."""
+    return (saved_world_size(folder) not in (None, world_size)
+            and any(Path(folder).glob("*optim_states.pt")))
+
+
 def to_universal(folder, is_main):
     """DeepSpeed's universal form of a checkpoint (written once, beside it): what a run on another number of
     ranks loads, since ZeRO's optimizer partitions are laid out per rank. Returns its folder."""

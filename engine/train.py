@@ -19,7 +19,8 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import export_encoder, load_checkpoint, resolve_resume, save_checkpoint, saved_world_size, to_universal
+from .checkpoint import (export_encoder, load_checkpoint, partitioned_for_other_ranks, resolve_resume, save_checkpoint,
+                         to_universal)
 from .config import config_to_dict, save_config
 from .deepspeed_setup import gathered_parameters, initialize_engine, load_deepspeed_config
 from .distributed import all_gather_object, all_reduce_sum, rng_state, set_rng_state
@@ -91,7 +92,7 @@ def train(cfg, module, data, dist, eval_data=None):
                                 lr, dist.device)
     ds_config = load_deepspeed_config(cfg.deepspeed, cfg.data.batch_size, tc.grad_accum, tc.clip_grad)
     resume_from = resolve_resume(tc.resume, out)
-    if resume_from is not None and saved_world_size(resume_from) not in (None, dist.world_size):
+    if resume_from is not None and partitioned_for_other_ranks(resume_from, dist.world_size):
         # saved on another number of ranks: load DeepSpeed's universal form of it
         resume_from = to_universal(resume_from, dist.is_main)
         ds_config["checkpoint"] = {"load_universal": True}

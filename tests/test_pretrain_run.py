@@ -109,7 +109,7 @@ def test_sigterm_saves_a_checkpoint_and_the_export(tmp_path, default_data_cache)
     assert (tmp_path / "encoder.safetensors").is_file()
 
 
-@pytest.mark.parametrize("zero", [2, 3])
+@pytest.mark.parametrize("zero", [0, 2, 3])
 def test_checkpoint_of_four_ranks_resumes_on_two_and_on_one(tmp_path, default_data_cache, zero):
     args = ["run_pretrain.py", *mae_args(tmp_path, default_data_cache, "data.batch_size=8",
                                         f"deepspeed=configs/deepspeed/zero{zero}.json")]
@@ -121,9 +121,12 @@ def test_checkpoint_of_four_ranks_resumes_on_two_and_on_one(tmp_path, default_da
         run_ranks([*args, "train.max_steps=3", f"output_dir={copy}"], world_size=ranks)
         again = load_file(copy / "encoder.safetensors")
         assert again.keys() == exported.keys() and all(torch.equal(again[k], exported[k]) for k in exported)
-    run_ranks([*args, "train.max_steps=5"], world_size=2)   # through DeepSpeed's universal checkpoint
+    # ZeRO-1..3 resume on another number of ranks through DeepSpeed's universal checkpoint; ZeRO-0 saves the whole
+    # optimizer state and loads it directly
+    run_ranks([*args, "train.max_steps=5"], world_size=2)
     outputs = run_ranks([*args, "train.max_steps=7"], world_size=1)
-    assert "resumed from" in outputs[0] and "step_00000005_universal" in outputs[0]
+    assert "resumed from" in outputs[0]
+    assert ("step_00000005_universal" in outputs[0]) == (zero > 0)
     losses = read_losses(tmp_path)
     assert sorted(losses) == list(range(1, 8))
     assert all(abs(v) < 10 for v in losses.values())
