@@ -9,6 +9,8 @@
 #   bench/device_evidence.sh probe NAME [seed]            linear probe of runs/evidence/NAME's encoder; NAME=random:
 #                                                         of a randomly initialised Vim-T
 #   bench/device_evidence.sh deit EPOCHS [seed]           supervised DeiT-T on the Vim-T arm's recipe
+# $OVERRIDES go to every run of the arm (e.g. OVERRIDES=deepspeed=configs/deepspeed/zero0.json), $WORKERS sets the
+# loader workers of each run (default 12).
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 root=runs/evidence; mkdir -p "$root"
@@ -16,7 +18,7 @@ EX=configs/experiments
 WORKERS=${WORKERS:-12}
 run() {  # NAME SCRIPT ARGS...: one run, then a summary line with its results and wall time
   local name=$1 start=$SECONDS; shift
-  python "$@" output_dir=$root/$name data.num_workers=$WORKERS > $root/$name.log 2>&1
+  python "$@" output_dir=$root/$name data.num_workers=$WORKERS ${OVERRIDES:-} > $root/$name.log 2>&1
   local status=$?
   echo "== $name: exit $status, $((SECONDS - start)) s; results: $(tr -d '\n ' < $root/$name/results.json 2>/dev/null)"
   grep -E "Error" $root/$name.log | tail -2

@@ -4,7 +4,9 @@
 
 Left: cifar10-val top-1 after each epoch of the supervised or fine-tuning phase of every arm. Right: the final
 top-1 of each run against its arm's total GPU minutes (pretraining + fine-tuning, wall time of each run on its own
-H100, from run_times.txt, which holds the "== NAME: exit S, T s" lines bench/device_evidence.sh prints).
+H100, from run_times.txt, which holds the "== NAME: exit S, T s" lines bench/device_evidence.sh prints). The MAE
+variants are drawn on the left only: they ran two to a GPU and under DeepSpeed ZeRO-0, so their wall times are not
+comparable with the arms' (RESULTS.md).
 """
 import argparse
 import json
@@ -19,10 +21,16 @@ import matplotlib.pyplot as plt  # noqa: E402
 # arm label -> (fine-tuning run, pretraining run or None) per seed
 ARMS = {
     "supervised, 12 epochs": [("sup12_s0", None), ("sup12_s1", None)],
-    "supervised, 6 epochs": [("sup6_s0", None)],
+    "supervised, 6 epochs": [("sup6_s0", None), ("sup6_s1", None)],
     "MAE 10 ep. -> fine-tune 6": [("mae10_s0_ft6", "mae10_s0"), ("mae10_s1_ft6", "mae10_s1")],
     "CLIP 4 ep. -> fine-tune 4": [("clip4_s0_ft4", "clip4_s0")],
     "DeiT-T supervised, 12 epochs": [("deit12_s0", None)],
+}
+# variant label -> fine-tuning runs (MAE 10 epochs with one change -> fine-tune 6), curves only
+MAE_VARIANTS = {
+    "MAE variant: mask ratio 0.5": ["mae10_s0_mask_ratio-0.5_ft6", "mae10_s1_mask_ratio-0.5_ft6"],
+    "MAE variant: 1-block decoder": ["mae10_s0_decoder_depth-1_ft6"],
+    "MAE variant: pixel loss without norm-pix": ["mae10_s0_norm_pix_loss-false_ft6"],
 }
 
 
@@ -43,18 +51,24 @@ def main():
         if found:
             seconds[found[1]] = int(found[2])  # a later line (a re-run) replaces an earlier one
     fig, (curves, budget) = plt.subplots(1, 2, figsize=(12, 4.5))
-    for color, (label, seeds) in zip(plt.rcParams["axes.prop_cycle"].by_key()["color"], ARMS.items()):
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for color, (label, seeds) in zip(colors, ARMS.items()):
         for i, (finetune, pretrain) in enumerate(seeds):
             top1 = top1_per_epoch(runs / finetune)
             curves.plot(range(1, len(top1) + 1), top1, "o-", color=color, label=label if i == 0 else None, ms=3)
             minutes = (seconds[finetune] + (seconds[pretrain] if pretrain else 0)) / 60
             budget.scatter(minutes, top1[-1], color=color, label=label if i == 0 else None)
+    for color, (label, finetunes) in zip(colors[len(ARMS):], MAE_VARIANTS.items()):
+        for i, finetune in enumerate(finetunes):
+            top1 = top1_per_epoch(runs / finetune)
+            curves.plot(range(1, len(top1) + 1), top1, "s--", color=color, label=label if i == 0 else None, ms=3)
     curves.set(xlabel="epoch of the supervised / fine-tuning phase", ylabel="cifar10-val top-1 (%)",
                title="Vim-T 32x32: top-1 after each epoch")
     budget.set(xlabel="GPU minutes of the arm (pretraining + fine-tuning, one H100)", ylabel="final top-1 (%)",
                title="final top-1 against the arm's GPU time")
     for ax in (curves, budget):
         ax.grid(alpha=0.3)
+    curves.legend(fontsize=7, loc="lower right")
     budget.legend(fontsize=8, loc="upper left")
     fig.tight_layout()
     fig.savefig(args.out, dpi=110)
