@@ -248,14 +248,15 @@ def train(cfg, module, data, dist, eval_data=None):
 
 
 def _batches(loader, terminated):
-    """The loader's batches; after SIGTERM, a loader whose workers were killed with us ends quietly."""
+    """The loader's batches; after SIGTERM, a loader whose workers were killed with us ends quietly (a worker
+    killed mid-handover shows as a RuntimeError, or as a ConnectionResetError from the shared-memory handshake)."""
     batches = iter(loader)
     while True:
         try:
             yield next(batches)
         except StopIteration:
             return
-        except RuntimeError:
+        except (RuntimeError, OSError):
             if terminated:
                 return
             raise

@@ -109,6 +109,20 @@ def test_sigterm_saves_a_checkpoint_and_the_export(tmp_path, default_data_cache)
     assert (tmp_path / "encoder.safetensors").is_file()
 
 
+@pytest.mark.parametrize("error", [RuntimeError("DataLoader worker (pid 1) is killed by signal"),
+                                   ConnectionResetError(104, "Connection reset by peer")])
+def test_a_loader_killed_with_the_run_ends_the_epoch_only_after_sigterm(error):
+    from engine.train import _batches
+
+    def loader():
+        yield "batch 0"
+        raise error
+
+    assert list(_batches(loader(), terminated=[15])) == ["batch 0"]
+    with pytest.raises(type(error)):
+        list(_batches(loader(), terminated=[]))
+
+
 @pytest.mark.parametrize("zero", [0, 2, 3])
 def test_checkpoint_of_four_ranks_resumes_on_two_and_on_one(tmp_path, default_data_cache, zero):
     args = ["run_pretrain.py", *mae_args(tmp_path, default_data_cache, "data.batch_size=8",
