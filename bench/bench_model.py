@@ -1,12 +1,15 @@
 """Vim against DeiT end to end on one GPU: inference and training-step images/s and peak memory, side by side.
 
     python -m bench.bench_model [--pairs tiny small base] [--sizes 224 512 1024 1248 2048] [--compile]
+    python -m bench.bench_model --pairs tiny --sizes 32 --patch-size 4     # the CIFAR-10 experiments' model
 
 Random weights and inputs, bf16 autocast with fp32 parameters (our training setup); DeiT is timm's with
 PyTorch's fused attention (scaled_dot_product_attention). Inference: forward under inference_mode. Training
 step: forward, cross-entropy on random labels, backward, fused AdamW step. CUDA-event medians after warm-up.
 Peak memory is torch.cuda.max_memory_allocated over the timed steps minus the memory held before the step
-(parameters and optimizer state), i.e. the activations and workspaces a batch needs.
+(parameters and optimizer state), i.e. the activations and workspaces a batch needs. --cuda-graph captures the
+whole step once (for training: forward, backward and the capturable fused AdamW step, PyTorch's whole-network
+capture) and times its replays: what is left when no op is launched from the host.
 """
 import argparse
 
@@ -20,23 +23,25 @@ from bench.timing import cuda_median_ms
 PAIRS = {"tiny": ("vim_tiny_patch16_224", "deit_tiny_patch16_224"),
          "small": ("vim_small_patch16_224", "deit_small_patch16_224"),
          "base": ("vim_base_patch16_224", "deit_base_patch16_224")}
-INFER_BATCH = {224: 64, 512: 64, 1024: 8, 1248: 8, 2048: 2}
-TRAIN_BATCH = {224: 128, 512: 32, 1024: 8, 1248: 8, 2048: 2}
+INFER_BATCH = {32: 256, 224: 64, 512: 64, 1024: 8, 1248: 8, 2048: 2}
+TRAIN_BATCH = {32: 256, 224: 128, 512: 32, 1024: 8, 1248: 8, 2048: 2}
 
 
 def measure(name, size, batch, train, args):
     """(images/s, activation peak MiB) of one model, or None when the batch does not fit."""
     torch.cuda.empty_cache()
-    kwargs = {"img_size": size}
-    if name.startswith("vim") and args.backend:
-        kwargs["scan_backend"] = args.backend
+    kwargs = {"img_size": size, "patch_size": args.patch_size}
+    if name.startswith("vim"):
+        kwargs["stride"] = args.patch_size
+        if args.backend:
+            kwargs["scan_backend"] = args.backend
     model = timm.create_model(name, num_classes=1000, **kwargs).cuda()
     if train and args.grad_ckpt and size >= args.grad_ckpt:
         model.set_grad_checkpointing(True)
     forward = torch.compile(model) if args.compile else model
     images = torch.randn(batch, 3, size, size, device="cuda")
     labels = torch.randint(0, 1000, (batch,), device="cuda")
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True) if train else None
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True, capturable=args.cuda_graph) if train else None
 
     def step():
         if train:
@@ -51,14 +56,14 @@ def measure(name, size, batch, train, args):
 
     try:
         step()  # creates the optimizer state before the baseline is read
-        if args.cuda_graph and not train:
+        if args.cuda_graph:
             step = _graphed(step)
         torch.cuda.synchronize()
         held = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
         ms = cuda_median_ms(step, args.steps, args.warmup, budget_ms=3000.0)
         # a replayed graph allocates nothing: its pool was taken at capture, before the counter was reset
-        peak = None if args.cuda_graph and not train else (torch.cuda.max_memory_allocated() - held) / 2**20
+        peak = None if args.cuda_graph else (torch.cuda.max_memory_allocated() - held) / 2**20
     except torch.cuda.OutOfMemoryError:
         return None
     return batch / ms * 1e3, peak
@@ -87,19 +92,20 @@ def cell(result):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--pairs", nargs="+", default=list(PAIRS), choices=list(PAIRS))
-    parser.add_argument("--sizes", nargs="+", type=int, default=list(INFER_BATCH))
+    parser.add_argument("--sizes", nargs="+", type=int, default=[224, 512, 1024, 1248, 2048], choices=list(INFER_BATCH))
+    parser.add_argument("--patch-size", type=int, default=16, help="both models' patch size (Vim's stride too)")
     parser.add_argument("--modes", nargs="+", default=["infer", "train"], choices=["infer", "train"])
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--backend", default=None, help="Vim scan backend (default: the best available)")
     parser.add_argument("--compile", action="store_true", help="torch.compile both models")
-    parser.add_argument("--cuda-graph", action="store_true", help="inference replayed from a CUDA graph (both models)")
+    parser.add_argument("--cuda-graph", action="store_true", help="steps replayed from a CUDA graph (both models)")
     parser.add_argument("--grad-ckpt", type=int, default=0, metavar="SIZE",
                         help="activation checkpointing for training at this resolution and above (0 = off)")
     args = parser.parse_args()
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, timm {timm.__version__}, "
           f"triton {__import__('triton').__version__}, compile={args.compile}, cuda_graph={args.cuda_graph}, "
-          f"grad_ckpt>={args.grad_ckpt or 'off'}")
+          f"grad_ckpt>={args.grad_ckpt or 'off'}, patch {args.patch_size}")
     print("| mode | size | batch | model | Vim images/s (peak) | DeiT images/s (peak) | Vim / DeiT |")
     print("|---|---|---|---|---|---|---|")
     for mode in args.modes:
