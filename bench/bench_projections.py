@@ -9,11 +9,12 @@ a multiple of 8 bf16 elements, which keeps cuBLAS off its fastest tensor-core ke
   split     the batched layout with the images cut into groups that act as extra matmul batches (the weights
             expanded to match): each weight gradient is then many short reductions, summed by the expand's
             backward, instead of one reduction over every token of the batch in a handful of output tiles
-The three compute the same delta, B and C (checked against float64 first). bf16 autocast, fp32 weights,
+The four compute the same delta, B and C (checked against float64 first). bf16 autocast, fp32 weights,
 CUDA-event medians of forward + backward (gradients of u and of the weights).
 
     python bench/bench_projections.py [--profile]   (--profile: the slowest kernels of each layout at Vim-T 224)
 """
+import argparse
 import math
 import sys
 from pathlib import Path
@@ -90,7 +91,9 @@ def profile(inputs, R, N, batch):
 
 
 def main():
-    do_profile = "--profile" in sys.argv
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--profile", action="store_true", help="the slowest GPU kernels of each layout at Vim-T 224")
+    args = parser.parse_args()
     torch.manual_seed(0)
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}")
     print("| shape | " + " | ".join(f"{k} fwd+bwd ms" for k in LAYOUTS) + " | max rel. error vs fp64 |")
@@ -115,7 +118,7 @@ def main():
 
             times.append(cuda_median_ms(step, steps=50, warmup=10))
         print(f"| {name} | " + " | ".join(f"{t:.3f}" for t in times) + f" | {max(errors):.1e} |", flush=True)
-        if do_profile and name.startswith("Vim-T 224"):
+        if args.profile and name.startswith("Vim-T 224"):
             profile((u, x_w, dt_w, grads), R, N, batch)
 
 
