@@ -216,3 +216,24 @@ def test_mixer_equals_the_plain_reference_computation(backend):
     expected_grads = torch.autograd.grad(expected, params, g)
     for (name, _), a, b in zip([("input", None), *mixer.named_parameters()], grads, expected_grads):
         torch.testing.assert_close(a, b, **tol, msg=lambda m: f"gradient of {name}: {m}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rms_norm_is_the_formula_in_fp32(dtype):
+    torch.manual_seed(0)
+    norm = models.RMSNorm(24, eps=1e-5)
+    with torch.no_grad():
+        norm.weight.normal_()
+    # mean(x^2) ~ 1e-5 = eps: the test sees whether eps is added where the formula adds it
+    x = (torch.randn(3, 7, 24) * 3e-3).to(dtype).requires_grad_()
+    out = norm(x)
+    assert out.dtype == torch.float32
+    x64, w64 = x.detach().double().requires_grad_(), norm.weight.detach().double().requires_grad_()
+    expected = x64 * torch.rsqrt(x64.pow(2).mean(-1, keepdim=True) + 1e-5) * w64
+    torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-6)
+    g = torch.randn_like(expected)
+    grads = torch.autograd.grad(out, (x, norm.weight), g.float())
+    expected_grads = torch.autograd.grad(expected, (x64, w64), g)
+    for a, b in zip(grads, expected_grads):
+        torch.testing.assert_close(a.double(), b.to(a.dtype).double(), rtol=1e-2 if dtype == torch.bfloat16 else 1e-5,
+                                   atol=1e-2 if dtype == torch.bfloat16 else 1e-5)
