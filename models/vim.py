@@ -143,25 +143,36 @@ class MambaMixer(nn.Module):
         channels contiguous, both directions' projections are one batched matmul each, and the scan gets
         transposed views of those results, so no activation is copied between the kernels.
         """
-        E, N, R = self.d_inner, self.d_state, self.dt_rank
+        E = self.d_inner
         xz = self.in_proj(hidden_states)                                       # (batch, L, 2E)
         x, z = xz[..., :E], xz[..., E:]
         conv_weight = torch.stack([self.conv1d.weight, self.conv1d_b.weight])[:, :, 0]     # (2, E, K)
         conv_bias = torch.stack([self.conv1d.bias, self.conv1d_b.bias])
         u = bidirectional_conv1d_silu(x, conv_weight, conv_bias, backend=self.scan_backend)  # (2, batch, L, E)
-        x_dbl = u.flatten(1, 2) @ torch.stack([self.x_proj.weight, self.x_proj_b.weight]).transpose(1, 2)
-        dt_low, B, C = x_dbl.split([R, N, N], dim=-1)                          # (2, batch * L, .)
-        delta = dt_low @ torch.stack([self.dt_proj.weight, self.dt_proj_b.weight]).transpose(1, 2)
-        batch, L = hidden_states.shape[:2]
+        delta, A, B, C, D, delta_bias = self._ssm_params(u)
+        return bidirectional_scan(u.transpose(-1, -2), delta, A, B, C, D, z.transpose(1, 2), delta_bias,
+                                  backend=self.scan_backend)
 
-        def channels_first(t):                                                 # (2, batch * L, c) -> (2, batch, c, L)
+    def _ssm_params(self, u):
+        """The scan's inputs of every direction from u (K, batch, L, E), token-major: delta (K, batch, E, L) and
+        B, C (K, batch, N, L) as transposed views of one batched matmul each (no copies), A, D, delta_bias (K, .)."""
+        N, R = self.d_state, self.dt_rank
+        batch, L = u.shape[1:3]
+
+        def stacked(name, attr="weight"):
+            return torch.stack([getattr(getattr(self, name + s), attr) for s in self.suffixes])
+
+        x_dbl = u.flatten(1, 2) @ stacked("x_proj").transpose(1, 2)           # (K, batch * L, R + 2N)
+        dt_low, B, C = x_dbl.split([R, N, N], dim=-1)
+        delta = dt_low @ stacked("dt_proj").transpose(1, 2)
+
+        def channels_first(t):                                                 # (K, batch * L, c) -> (K, batch, c, L)
             return t.unflatten(1, (batch, L)).transpose(-1, -2)
 
-        A = -torch.exp(torch.stack([self.A_log, self.A_b_log]).float())
-        D = torch.stack([self.D, self.D_b]).float()
-        delta_bias = torch.stack([self.dt_proj.bias, self.dt_proj_b.bias]).float()
-        return bidirectional_scan(u.transpose(-1, -2), channels_first(delta), A, channels_first(B),
-                                  channels_first(C), D, z.transpose(1, 2), delta_bias, backend=self.scan_backend)
+        A = -torch.exp(torch.stack([getattr(self, f"A{s}_log") for s in self.suffixes]).float())
+        D = torch.stack([getattr(self, "D" + s) for s in self.suffixes]).float()
+        return (channels_first(delta), A, channels_first(B), channels_first(C), D,
+                stacked("dt_proj", "bias").float())
 
     def no_weight_decay(self):
         """Names of the A and D parameters (kept in fp32, never decayed)."""
@@ -183,13 +194,6 @@ class MambaMixer(nn.Module):
         index = order.view(-1, 1, L).expand(x.shape[0], x.shape[1], L)
         u = conv(x.gather(-1, index))[..., :L]
         return torch.zeros_like(u).scatter(-1, index, u)
-
-    def _ssm_inputs(self, u, suffix):
-        """u: (batch, E, L) -> delta: (batch, E, L); B, C: (batch, N, L) for one direction's SSM."""
-        x_dbl = getattr(self, "x_proj" + suffix)(u.transpose(1, 2))          # (batch, L, R + 2N)
-        dt_low, B, C = x_dbl.split([self.dt_rank, self.d_state, self.d_state], dim=-1)
-        delta = (dt_low @ getattr(self, "dt_proj" + suffix).weight.t()).transpose(1, 2)   # bias goes in as delta_bias
-        return delta, B.transpose(1, 2), C.transpose(1, 2)
 
     def forward(self, hidden_states, orders=None):
         """hidden_states: (batch, L, dim) -> (batch, L, dim).
@@ -213,16 +217,13 @@ class MambaMixer(nn.Module):
         else:
             us = [F.silu(self._conv(x, getattr(self, "conv1d" + s), d, orders[i] if self.needs_orders else None))
                   for i, (d, s) in enumerate(zip(self.directions, self.suffixes))]
-        delta, B, C = (torch.stack(t) for t in zip(*(self._ssm_inputs(u, s) for u, s in zip(us, self.suffixes))))
-        # a shared conv output is one tensor read by both directions, not a stacked copy
-        u = us[0].unsqueeze(0).expand(2, -1, -1, -1) if self.share_conv else torch.stack(us)
-        A = -torch.exp(torch.stack([getattr(self, f"A{s}_log") for s in self.suffixes]).float())
-        D = torch.stack([getattr(self, "D" + s) for s in self.suffixes]).float()
-        delta_bias = torch.stack([getattr(self, "dt_proj" + s).bias for s in self.suffixes]).float()
+        u = torch.stack([v.transpose(1, 2) for v in us])                      # (K, batch, L, E), token-major
+        delta, A, B, C, D, delta_bias = self._ssm_params(u)
+        scan_args = (u.transpose(-1, -2), delta, A, B, C, D, z, delta_bias)
         if self.needs_orders:
-            y = multidirectional_scan(u, delta, A, B, C, D, z, delta_bias, orders, backend=self.scan_backend)
+            y = multidirectional_scan(*scan_args, orders, backend=self.scan_backend)
         else:
-            y = bidirectional_scan(u, delta, A, B, C, D, z, delta_bias, backend=self.scan_backend)
+            y = bidirectional_scan(*scan_args, backend=self.scan_backend)
         return self.out_proj(y.transpose(1, 2))
 
 

@@ -237,3 +237,23 @@ def test_rms_norm_is_the_formula_in_fp32(dtype):
     for a, b in zip(grads, expected_grads):
         torch.testing.assert_close(a.double(), b.to(a.dtype).double(), rtol=1e-2 if dtype == torch.bfloat16 else 1e-5,
                                    atol=1e-2 if dtype == torch.bfloat16 else 1e-5)
+
+
+def test_general_mixer_path_equals_the_v2_path():
+    # the same pair of directions listed the other way round goes through the general path (per-direction convs,
+    # multidirectional_scan); its parameters have the same names, and the average over directions is symmetric
+    torch.manual_seed(0)
+    general = MambaMixer(24, d_state=8, directions=("row_reverse", "row"), scan_backend="reference").double()
+    general.init_weights()
+    v2 = MambaMixer(24, d_state=8, scan_backend="reference").double()
+    v2.load_state_dict(general.state_dict())
+    h = torch.randn(2, 11, 24, dtype=torch.float64, requires_grad=True)
+    out, expected = general(h), v2(h)
+    torch.testing.assert_close(out, expected, rtol=1e-6, atol=1e-8)
+    g = torch.randn_like(out)
+    names = [n for n, _ in general.named_parameters()]          # created in another order than v2's: match by name
+    v2_params = dict(v2.named_parameters())
+    grads = torch.autograd.grad(out, [h, *general.parameters()], g)
+    expected_grads = torch.autograd.grad(expected, [h, *(v2_params[n] for n in names)], g)
+    for name, a, b in zip(["input", *names], grads, expected_grads):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-8, msg=lambda m: f"gradient of {name}: {m}")
