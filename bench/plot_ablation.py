@@ -35,11 +35,12 @@ def main():
     fig, ax = plt.subplots(figsize=(12, 4.5))
     width = 0.4
     for i, (arm, label) in enumerate(ARMS.items()):
-        for x, row in enumerate(ROWS):
-            top1 = final_top1(runs / arm / row / "results.json")
-            if top1 is not None:
-                ax.bar(x + (i - 0.5) * width, top1, width, color=f"C{i}", label=label if x == 0 else None)
-                ax.text(x + (i - 0.5) * width, top1 + 0.3, f"{top1:.1f}", ha="center", fontsize=7)
+        xs = [x + (i - 0.5) * width for x in range(len(ROWS))]
+        top1 = [final_top1(runs / arm / row / "results.json") for row in ROWS]
+        ax.bar(xs, [float("nan") if t is None else t for t in top1], width, color=f"C{i}", label=label)
+        for x, t in zip(xs, top1):
+            if t is not None:
+                ax.text(x, t + 0.3, f"{t:.1f}", ha="center", fontsize=7)
     ax.set_xticks(range(len(ROWS)), list(ROWS.values()), fontsize=8)
     ax.set(ylabel="cifar10-val top-1 (%)", ylim=(30, 55),
            title="Vim-T 32x32, one design change per row (one seed; the seed spread is about 0.3 points)")

@@ -211,13 +211,14 @@ class MambaMixer(nn.Module):
                 raise ValueError(f"directions {self.directions} need the token orders of the 2-D grid")
             row = torch.arange(L, device=x.device)
             orders = torch.stack([row if d == "row" else row.flip(0) for d in self.directions])
+        # u: (K, batch, L, E), token-major
         if self.share_conv:
-            u = F.silu(self._conv(x, self.conv1d, "row", None))
-            us = [u, u]
+            # one conv output read by both directions: made token-major once and expanded, not stacked twice
+            u = F.silu(self._conv(x, self.conv1d, "row", None)).transpose(1, 2).contiguous().expand(2, -1, -1, -1)
         else:
-            us = [F.silu(self._conv(x, getattr(self, "conv1d" + s), d, orders[i] if self.needs_orders else None))
-                  for i, (d, s) in enumerate(zip(self.directions, self.suffixes))]
-        u = torch.stack([v.transpose(1, 2) for v in us])                      # (K, batch, L, E), token-major
+            u = torch.stack([F.silu(self._conv(x, getattr(self, "conv1d" + s), d, orders[i] if self.needs_orders
+                                               else None)).transpose(1, 2)
+                             for i, (d, s) in enumerate(zip(self.directions, self.suffixes))])
         delta, A, B, C, D, delta_bias = self._ssm_params(u)
         scan_args = (u.transpose(-1, -2), delta, A, B, C, D, z, delta_bias)
         if self.needs_orders:
