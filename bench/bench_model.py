@@ -12,6 +12,7 @@ whole step once (for training: forward, backward and the capturable fused AdamW 
 capture) and times its replays: what is left when no op is launched from the host.
 """
 import argparse
+import functools
 
 import timm
 import torch
@@ -43,15 +44,18 @@ def measure(name, size, batch, train, args):
     labels = torch.randint(0, 1000, (batch,), device="cuda")
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True, capturable=args.cuda_graph) if train else None
 
+    # a graph must not replay casts cached by an autocast region that ended at capture (PyTorch's graph docs)
+    autocast = functools.partial(torch.autocast, "cuda", dtype=torch.bfloat16, cache_enabled=not args.cuda_graph)
+
     def step():
         if train:
-            with torch.autocast("cuda", dtype=torch.bfloat16):
+            with autocast():
                 loss = F.cross_entropy(forward(images), labels)
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
         else:
-            with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16):
+            with torch.inference_mode(), autocast():
                 forward(images)
 
     try:
