@@ -6,7 +6,7 @@ Left: cifar10-val top-1 after each epoch of the supervised or fine-tuning phase 
 top-1 of each run against its arm's total GPU minutes (pretraining + fine-tuning, wall time of each run on its own
 H100, from run_times.txt, which holds the "== NAME: exit S, T s" lines bench/device_evidence.sh prints). The MAE
 variants are drawn on the left only: they ran two to a GPU and under DeepSpeed ZeRO-0, so their wall times are not
-comparable with the arms' (RESULTS.md).
+comparable with the arms' (RESULTS.md). CLIP's arm ran in call 7 beside DeiT-T's second seed on one GPU.
 """
 import argparse
 import json
@@ -23,14 +23,17 @@ ARMS = {
     "supervised, 12 epochs": [("sup12_s0", None), ("sup12_s1", None)],
     "supervised, 6 epochs": [("sup6_s0", None), ("sup6_s1", None)],
     "MAE 10 ep. -> fine-tune 6": [("mae10_s0_ft6", "mae10_s0"), ("mae10_s1_ft6", "mae10_s1")],
-    "CLIP 4 ep. -> fine-tune 4": [("clip4_s0_ft4", "clip4_s0")],
-    "DeiT-T supervised, 12 epochs": [("deit12_s0", None)],
+    "CLIP 4 ep. -> fine-tune 6": [("clip4_s0_ft6", "clip4_s0_call7")],
+    "DeiT-T supervised, 12 epochs": [("deit12_s0", None), ("deit12_s1", None)],
 }
 # variant label -> fine-tuning runs (MAE 10 epochs with one change -> fine-tune 6), curves only
 MAE_VARIANTS = {
     "MAE variant: mask ratio 0.5": ["mae10_s0_mask_ratio-0.5_ft6", "mae10_s1_mask_ratio-0.5_ft6"],
     "MAE variant: 1-block decoder": ["mae10_s0_decoder_depth-1_ft6"],
     "MAE variant: pixel loss without norm-pix": ["mae10_s0_norm_pix_loss-false_ft6"],
+    "MAE variant: mask tokens kept in the encoder": ["mae10_s0_mask_mode-keep_ft6"],
+    "MAE variant: Vim decoder": ["mae10_s0_decoder-vim_ft6"],
+    "MAE variant: 16 pretraining epochs": ["mae16_s0_ft6"],
 }
 
 
@@ -51,7 +54,7 @@ def main():
         if found:
             seconds[found[1]] = int(found[2])  # a later line (a re-run) replaces an earlier one
     fig, (curves, budget) = plt.subplots(1, 2, figsize=(12, 4.5))
-    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    colors = plt.cm.tab10.colors + plt.cm.Dark2.colors  # one per arm and variant (11 > tab10's 10)
     for color, (label, seeds) in zip(colors, ARMS.items()):
         for i, (finetune, pretrain) in enumerate(seeds):
             top1 = top1_per_epoch(runs / finetune)
