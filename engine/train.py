@@ -9,6 +9,8 @@ hooks it may define:
     visualize(path)                                   at each checkpoint, on every rank (path None off rank 0)
     export_state() -> (state_dict, model_config)      the encoder written at the end as safetensors
     extra_state() / load_extra_state(state)           state kept outside the engine (e.g. EMA weights)
+    graph_network(wrap)                               train.cuda_graph: route the training network call through
+                                                      wrap(module, method), a cuda_graph.GraphedTraining
 """
 import contextlib
 import json
@@ -22,6 +24,7 @@ import torch
 from .checkpoint import (export_encoder, load_checkpoint, partitioned_for_other_ranks, resolve_resume, save_checkpoint,
                          to_universal)
 from .config import config_to_dict, save_config
+from .cuda_graph import GraphedTraining, check_cuda_graph
 from .deepspeed_setup import gathered_parameters, initialize_engine, load_deepspeed_config
 from .distributed import all_gather_object, all_reduce_sum, rng_state, set_rng_state
 from .metrics import RunLogger, plot_curves, truncate_metrics
@@ -97,6 +100,9 @@ def train(cfg, module, data, dist, eval_data=None):
         resume_from = to_universal(resume_from, dist.is_main)
         ds_config["checkpoint"] = {"load_universal": True}
     n_params = sum(p.numel() for p in module.parameters() if p.requires_grad)  # before ZeRO-3 partitions them
+    if tc.cuda_graph:
+        check_cuda_graph(module, dist.device, ds_config.get("zero_optimization", {}).get("stage", 0), tc.grad_accum)
+        module.graph_network(GraphedTraining)
     engine, optimizer = initialize_engine(module, optimizer, ds_config)
     steps_per_epoch = data.steps_per_epoch // tc.grad_accum
     if steps_per_epoch < 1:
@@ -178,7 +184,9 @@ def train(cfg, module, data, dist, eval_data=None):
                 scheduler.step_update(step)
             micro += 1
             batch = _to_device(batch, dist.device)
-            with torch.autocast(dist.device.type, dtype=dtype, enabled=dtype is not None):
+            # a graph must not replay weight casts cached by an autocast region that has ended
+            with torch.autocast(dist.device.type, dtype=dtype, enabled=dtype is not None,
+                                cache_enabled=not tc.cuda_graph):
                 loss, metrics = engine(batch)
             # loss.item() syncs with the device; the NaN guard needs the value on the host anyway
             loss_value = loss.item()

@@ -64,6 +64,7 @@ class Classifier(nn.Module):
         # the EMA lives outside the module tree, so DeepSpeed neither shards nor saves it twice;
         # its weights travel in the checkpoint's client state (extra_state)
         object.__setattr__(self, "ema", None)
+        self.graphed_model = None  # train.cuda_graph: a GraphedTraining of self.model (engine/cuda_graph.py)
 
     @torch.jit.ignore
     def no_weight_decay(self):
@@ -81,8 +82,11 @@ class Classifier(nn.Module):
             object.__setattr__(self, "ema", ModelEmaV3(self.model, decay=self.ema_decay))
         if self.mixup is not None:
             images, labels = self.mixup(images, labels)
-        logits = self.model(images)
+        logits = (self.graphed_model or self.model)(images)
         return self.criterion(logits.float(), labels), {}
+
+    def graph_network(self, wrap):
+        self.graphed_model = wrap(self.model)
 
     def on_step_end(self):
         if self.ema is not None:

@@ -367,6 +367,12 @@ class VisionMamba(nn.Module):
             with torch.no_grad():
                 layer.mixer.out_proj.weight /= math.sqrt(self.depth)
 
+    @property
+    def graph_safe(self):
+        """Whether a CUDA graph of the training forward replays it faithfully (engine/cuda_graph.py): not with
+        bidir_mode "sequence", which flips a coin on the host per batch."""
+        return self.bidir_mode != "sequence"
+
     @torch.jit.ignore
     def no_weight_decay(self):
         names = {"pos_embed"} | ({"cls_token"} if self.cls_token is not None else set())

@@ -89,6 +89,7 @@ class MaskedAutoencoder(nn.Module):
         self.mask_ratio = mask_ratio
         self.mask_mode = mask_mode
         self.norm_pix_loss = norm_pix_loss
+        self.graphed_loss = None  # train.cuda_graph: a GraphedTraining of image_loss (engine/cuda_graph.py)
         pe = encoder.patch_embed
         self.patch_size, self.stride = pe.proj.kernel_size[0], pe.proj.stride[0]
         self.img_size = pe.img_size
@@ -188,11 +189,21 @@ class MaskedAutoencoder(nn.Module):
         loss = (pred.float() - self.target(imgs)).pow(2).mean(dim=-1)
         return (loss * mask).sum() / mask.sum()
 
-    def forward(self, batch):
-        imgs = batch["image"]
+    def image_loss(self, imgs):
+        """The MAE loss of a batch of images, fresh masks drawn on the images' device."""
         latent, ids_keep, mask = self.forward_encoder(imgs)
         pred = self.forward_decoder(latent, ids_keep)
-        return self.forward_loss(imgs, pred, mask), {}
+        return self.forward_loss(imgs, pred, mask)
+
+    def forward(self, batch):
+        return (self.graphed_loss or self.image_loss)(batch["image"]), {}
+
+    @property
+    def graph_safe(self):
+        return self.encoder.graph_safe
+
+    def graph_network(self, wrap):
+        self.graphed_loss = wrap(self, "image_loss")
 
     @torch.no_grad()
     def reconstruct(self, imgs, generator=None):

@@ -1,0 +1,79 @@
+"""train.cuda_graph: the network's training forward and backward replayed from a CUDA graph.
+
+A small model's training step is bound by the host, not the GPU: Vim-T at 32x32 launches about 2,000 kernels a
+step, which an H100 runs faster than Python issues them (BENCHMARKS.md: 1,907 images/s eager, 4,824 with the whole
+step graphed). The task hands its network to `GraphedTraining`; the first training call captures the network's
+forward and backward once (torch.cuda.make_graphed_callables) and later calls replay them. The loss around it,
+Mixup, DeepSpeed's update and logging stay eager.
+
+What a graph freezes, and so what is refused or falls back:
+- the input's shape: a call with another shape (or in evaluation, or without gradients) runs eagerly;
+- host-side decisions inside the network: models with bidir_mode=sequence (a host coin flip per batch) are refused
+  by the tasks; random numbers drawn on the GPU (drop path, MAE's masks) are fresh at every replay;
+- gradient buffers: the replayed backward writes into the same buffers each step, so gradient accumulation over
+  micro-steps (train.grad_accum > 1) is refused, as is ZeRO-3 (its hooks gather parameters inside the forward).
+"""
+import torch
+import torch.nn as nn
+
+__all__ = ["GraphedTraining", "check_cuda_graph"]
+
+
+class _Method(nn.Module):
+    """module.method(x) as a module's forward: make_graphed_callables graphs modules, and collects the
+    parameters whose gradients the replayed backward returns from the module it is given."""
+
+    def __init__(self, module, method):
+        super().__init__()
+        self.inner = module
+        self.method = method
+
+    def forward(self, x):
+        return getattr(self.inner, self.method)(x)
+
+
+class GraphedTraining:
+    """Calls module.method(x); while the module trains with gradients enabled, through a CUDA graph captured from
+    the first such call's input, replayed for every later input of the same shape, dtype and device.
+
+    capture: the capturing function (torch.cuda.make_graphed_callables; the tests pass a stand-in on the CPU).
+    """
+
+    def __init__(self, module, method="forward", capture=torch.cuda.make_graphed_callables):
+        if not getattr(module, "graph_safe", True):  # models.VisionMamba's flag
+            raise ValueError(f"train.cuda_graph: this {type(module).__name__} decides on the host per batch "
+                             f"(bidir_mode=sequence), which a CUDA graph would freeze: turn one of the two off")
+        self.module = module
+        self.call = _Method(module, method)
+        self.capture = capture
+        self.graphed = None
+        self.signature = None
+        self.replays = 0
+
+    def __call__(self, x):
+        eager = getattr(self.module, self.call.method)
+        if not (self.module.training and torch.is_grad_enabled()):
+            return eager(x)
+        signature = (tuple(x.shape), x.dtype, x.device)
+        if self.graphed is None:
+            self.signature = signature
+            self.graphed = self.capture(self.call, (x.detach(),))
+        if signature != self.signature:
+            return eager(x)
+        self.replays += 1
+        return self.graphed(x)
+
+
+def check_cuda_graph(module, device, zero_stage, grad_accum):
+    """Raise ValueError, naming the setting, where train.cuda_graph cannot work."""
+    if device.type != "cuda":
+        raise ValueError(f"train.cuda_graph needs a CUDA device, not {device.type}")
+    if not hasattr(module, "graph_network"):
+        raise ValueError(f"train.cuda_graph: {type(module).__name__} has no network to graph (classification and "
+                         f"MAE have one)")
+    if zero_stage == 3:
+        raise ValueError("train.cuda_graph does not work with ZeRO stage 3 (its hooks gather parameters inside the "
+                         "forward): use stage 0, 1 or 2")
+    if grad_accum > 1:
+        raise ValueError(f"train.cuda_graph needs train.grad_accum 1, got {grad_accum} (the replayed backward "
+                         f"reuses its gradient buffers every micro-step)")

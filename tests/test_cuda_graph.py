@@ -1,0 +1,110 @@
+"""train.cuda_graph on CPU: when the wrapper captures, replays and falls back, what is refused, and that the tasks
+route their training call through it. The capture itself needs a GPU (BENCHMARKS.md has the GPU runs); here a
+stand-in capture returns a callable that counts its calls."""
+import pytest
+import timm
+import torch
+
+import run_finetune
+from engine.cuda_graph import GraphedTraining, check_cuda_graph
+from finetune import Classifier
+from helpers import TINY_MODEL
+from pretrain import MaskedAutoencoder
+
+
+def tiny_vim(**kwargs):
+    return timm.create_model("vim_tiny_patch16_224", img_size=32, patch_size=8, stride=8, embed_dim=32, depth=2,
+                             **kwargs)
+
+
+class StandIn:
+    """Replaces make_graphed_callables: records what was captured and calls the captured module eagerly."""
+
+    def __init__(self):
+        self.captured = []
+        self.calls = 0
+
+    def __call__(self, module, sample_args):
+        self.captured.append(tuple(sample_args[0].shape))
+
+        def replay(x):
+            self.calls += 1
+            return module(x)
+        return replay
+
+
+def test_captures_once_replays_same_shape_and_falls_back_otherwise():
+    net = torch.nn.Linear(4, 3)
+    capture = StandIn()
+    graphed = GraphedTraining(net, capture=capture)
+    x = torch.randn(5, 4)
+    assert torch.equal(graphed(x), net(x))
+    graphed(torch.randn(5, 4))
+    assert capture.captured == [(5, 4)] and capture.calls == 2 and graphed.replays == 2
+    graphed(torch.randn(2, 4))                      # another shape (a last partial batch): eager
+    with torch.no_grad():
+        graphed(x)                                  # no gradients: eager
+    net.eval()
+    graphed(x)                                      # evaluation: eager
+    assert capture.captured == [(5, 4)] and capture.calls == 2
+
+
+def test_gradients_flow_through_the_replayed_call():
+    net = torch.nn.Linear(4, 3)
+    graphed = GraphedTraining(net, capture=StandIn())
+    graphed(torch.randn(5, 4)).sum().backward()
+    assert net.weight.grad is not None and net.weight.grad.abs().sum() > 0
+
+
+def test_host_side_coin_flip_is_refused():
+    with pytest.raises(ValueError, match="bidir_mode=sequence"):
+        GraphedTraining(tiny_vim(bidir_mode="sequence"))
+    GraphedTraining(tiny_vim())
+
+
+@pytest.mark.parametrize("device, stage, accum, message", [
+    ("cpu", 0, 1, "needs a CUDA device"),
+    ("cuda", 3, 1, "ZeRO stage 3"),
+    ("cuda", 1, 2, "grad_accum 1, got 2"),
+])
+def test_unsupported_settings_are_named(device, stage, accum, message):
+    task = Classifier(tiny_vim(num_classes=3), 3, {})
+    with pytest.raises(ValueError, match=message):
+        check_cuda_graph(task, torch.device(device), stage, accum)
+    with pytest.raises(ValueError, match="has no network to graph"):
+        check_cuda_graph(torch.nn.Linear(2, 2), torch.device("cuda"), 0, 1)
+
+
+def test_classifier_trains_through_the_graphed_model():
+    torch.manual_seed(0)
+    task = Classifier(tiny_vim(num_classes=3), 3, {})
+    batch = {"image": torch.randn(4, 3, 32, 32), "label": torch.tensor([0, 1, 2, 0])}
+    eager_loss, _ = task(batch)
+    capture = StandIn()
+    task.graph_network(lambda module: GraphedTraining(module, capture=capture))
+    loss, _ = task(batch)
+    assert capture.captured == [(4, 3, 32, 32)] and capture.calls == 1
+    assert torch.allclose(loss, eager_loss)
+    loss.backward()
+    assert task.model.head.weight.grad is not None
+
+
+def test_mae_trains_through_the_graphed_loss():
+    encoder = tiny_vim(num_classes=0)
+    mae = MaskedAutoencoder(encoder, {}, decoder_embed_dim=16, decoder_depth=1, decoder_num_heads=2)
+    capture = StandIn()
+    mae.graph_network(lambda module, method: GraphedTraining(module, method, capture=capture))
+    images = torch.randn(3, 3, 32, 32)
+    torch.manual_seed(1)
+    loss, _ = mae({"image": images})
+    torch.manual_seed(1)
+    assert torch.allclose(loss, mae.image_loss(images))   # the same masks from the same seed
+    assert capture.captured == [(3, 3, 32, 32)] and capture.calls == 1
+    loss.backward()
+    assert encoder.patch_embed.proj.weight.grad is not None
+
+
+def test_cuda_graph_on_cpu_is_a_config_error(tmp_path, default_data_cache):
+    with pytest.raises(ValueError, match="train.cuda_graph needs a CUDA device"):
+        run_finetune.main(["--task", "classification", *TINY_MODEL, f"output_dir={tmp_path}",
+                           f"data.cache_dir={default_data_cache}", "train.cuda_graph=true"])
