@@ -52,8 +52,10 @@ def num_classes(cfg, urls):
 def build_data(cfg, dist, fields, train_transform, eval_transform=None, text_transform=None, eval_fields=None):
     """Train loader (shuffled, split over ranks and workers) and eval loader (or None) as data.DataInfo."""
     train_urls, eval_urls, train_n, eval_n = resolve_shards(cfg)
+    # no pinning under train.cuda_graph: the pinning thread's CUDA event queries, made while the main thread
+    # captures the graph, invalidate the capture (seen on an H100 with DeiT-T)
     common = dict(num_workers=cfg.data.num_workers, seed=cfg.seed, rank=dist.rank, world_size=dist.world_size,
-                  text_transform=text_transform, pin_memory=dist.device.type == "cuda")
+                  text_transform=text_transform, pin_memory=dist.device.type == "cuda" and not cfg.train.cuda_graph)
     train = data.build_loader(train_urls, fields=fields, batch_size=cfg.data.batch_size, transform=train_transform,
                               is_training=True, num_samples=train_n, resampled=cfg.data.resampled,
                               shuffle_buffer=cfg.data.shuffle_buffer, **common)
