@@ -8,7 +8,8 @@ scales with, is Vim-T's) but may be made narrow and tiny in tokens, so that what
 overhead rather than the arithmetic. Ops are counted with a TorchDispatchMode (every aten call, views included;
 on a GPU each non-view op is about one kernel launch). Step time: median wall time of 15 steps after 3, with the
 device synchronised. The plain step is our optimizer (engine.optim) with torch's foreach clipping where clipping
-is on; the engine step is engine.deepspeed_setup's, with our config's clipping passed to DeepSpeed. --layer-decay
+is on; the engine step is engine.deepspeed_setup's (backward_and_step: DeepSpeed clips under ZeRO-1/2, the step
+itself under ZeRO-0). --layer-decay
 0.8 builds fine-tuning's parameter groups (one per layer) instead of the two of pretraining.
 """
 import argparse
@@ -28,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import models  # noqa: E402,F401
 from engine.config import OptimConfig  # noqa: E402
-from engine.deepspeed_setup import initialize_engine, load_deepspeed_config  # noqa: E402
+from engine.deepspeed_setup import backward_and_step, initialize_engine, load_deepspeed_config  # noqa: E402
 from engine.optim import build_optimizer, build_param_groups  # noqa: E402
 
 
@@ -117,8 +118,7 @@ def main():
                                           load_deepspeed_config(f"configs/deepspeed/zero{stage}.json", args.batch, 1, clip))
 
             def engine_step():
-                engine.backward(engine(batch))
-                engine.step()
+                backward_and_step(engine, engine(batch), clip)
 
             counts, ms = measure(engine_step, device)
             engine.destroy()

@@ -25,7 +25,7 @@ from .checkpoint import (export_encoder, load_checkpoint, partitioned_for_other_
                          to_universal)
 from .config import config_to_dict, save_config
 from .cuda_graph import GraphedTraining, check_cuda_graph
-from .deepspeed_setup import gathered_parameters, initialize_engine, load_deepspeed_config
+from .deepspeed_setup import backward_and_step, gathered_parameters, initialize_engine, load_deepspeed_config
 from .distributed import all_gather_object, all_reduce_sum, rng_state, set_rng_state
 from .metrics import RunLogger, plot_curves, truncate_metrics
 from .optim import build_optimizer, build_param_groups, build_scheduler, peak_lr
@@ -205,8 +205,7 @@ def train(cfg, module, data, dist, eval_data=None):
                 continue
             bad_in_row = 0
             boundary = engine.is_gradient_accumulation_boundary()
-            engine.backward(loss)
-            engine.step()
+            backward_and_step(engine, loss, tc.clip_grad)
             window["loss"] += loss_value
             window["n"] += 1
             for k, v in metrics.items():
