@@ -8,8 +8,9 @@ Mixup, DeepSpeed's update and logging stay eager.
 
 What a graph freezes, and so what is refused or falls back:
 - the input's shape: a call with another shape (or in evaluation, or without gradients) runs eagerly;
-- host-side decisions inside the network: models with bidir_mode=sequence (a host coin flip per batch) are refused
-  by the tasks; random numbers drawn on the GPU (drop path, MAE's masks) are fresh at every replay;
+- host-side decisions inside the network: a model whose `graph_safe` is False (Vim with bidir_mode=sequence, a host
+  coin flip per batch) is refused; random numbers drawn on the GPU (drop path, MAE's masks) are fresh at every
+  replay;
 - gradient buffers: the replayed backward writes into the same buffers each step, so gradient accumulation over
   micro-steps (train.grad_accum > 1) is refused, as is ZeRO-3 (its hooks gather parameters inside the forward).
 """
