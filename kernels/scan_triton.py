@@ -639,6 +639,7 @@ _WAVES = 2
 _MIN_CHUNK = 256         # shorter sequences are never cut: a cut costs an extra sweep over the chunk
 _FWD_MAXNREG = 168       # register cap of the forward kernel: 12 one-warp programs per SM (all of Vim-T 224 at once)
 _BWD_MAXNREG = None      # register cap of the backward kernel (None: the compiler's choice)
+_BWD_WARPS = 1           # backward: warps per program (> 1 splits the N states over warps: fewer registers a thread)
 _CK = 16                 # backward: tokens per level-1 checkpoint
 _SEG = 2                 # backward: tokens per level-2 checkpoint (the register stash holds SEG states)
 
@@ -796,7 +797,7 @@ def _scan_bwd(dout, u, delta, A, B, C, D, z, delta_bias, ysum, hin, chunk, seg=N
             *du.stride(), *ddelta.stride(), *dz.stride(),
             0,
             BLOCK_N=BLOCK_N, LOG_N=BLOCK_N.bit_length() - 1, CK=CK, SEG=SEG, HAS_CARRY=nchunks > 1,
-            EVEN_N=BLOCK_N == N, FAST=u.is_cuda, num_warps=1, **_launch_opts(u, _BWD_MAXNREG),
+            EVEN_N=BLOCK_N == N, FAST=u.is_cuda, num_warps=_BWD_WARPS, **_launch_opts(u, _BWD_MAXNREG),
         )
     dB = dB_part.sum(0).transpose(-1, -2)
     dC = dC_part.sum(0).transpose(-1, -2)
