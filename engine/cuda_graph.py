@@ -49,7 +49,6 @@ class GraphedTraining:
         self.capture = capture
         self.graphed = None
         self.signature = None
-        self.replays = 0
 
     def __call__(self, x):
         eager = getattr(self.module, self.call.method)
@@ -61,7 +60,6 @@ class GraphedTraining:
             self.graphed = self.capture(self.call, (x.detach(),))
         if signature != self.signature:
             return eager(x)
-        self.replays += 1
         return self.graphed(x)
 
 

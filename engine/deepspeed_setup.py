@@ -25,11 +25,14 @@ def load_deepspeed_config(path, micro_batch, grad_accum, clip_grad):
                               "use train.precision instead (autocast with fp32 parameters)")
     ds.pop("train_batch_size", None)
     # ZeRO-0: backward_and_step clips, with torch's foreach norm; DeepSpeed would launch one norm per parameter
-    stage = ds.get("zero_optimization", {}).get("stage", 0)
     ds.update(train_micro_batch_size_per_gpu=micro_batch, gradient_accumulation_steps=grad_accum,
-              gradient_clipping=clip_grad if stage > 0 else 0.0, zero_allow_untested_optimizer=True)
+              gradient_clipping=clip_grad if zero_stage(ds) > 0 else 0.0, zero_allow_untested_optimizer=True)
     ds.setdefault("steps_per_print", 10**9)
     return ds
+
+
+def zero_stage(ds_config):
+    return ds_config.get("zero_optimization", {}).get("stage", 0)
 
 
 def initialize_engine(module, optimizer, ds_config):

@@ -25,7 +25,8 @@ from .checkpoint import (export_encoder, load_checkpoint, partitioned_for_other_
                          to_universal)
 from .config import config_to_dict, save_config
 from .cuda_graph import GraphedTraining, check_cuda_graph
-from .deepspeed_setup import backward_and_step, gathered_parameters, initialize_engine, load_deepspeed_config
+from .deepspeed_setup import (backward_and_step, gathered_parameters, initialize_engine, load_deepspeed_config,
+                              zero_stage)
 from .distributed import all_gather_object, all_reduce_sum, rng_state, set_rng_state
 from .metrics import RunLogger, plot_curves, truncate_metrics
 from .optim import build_optimizer, build_param_groups, build_scheduler, peak_lr
@@ -101,7 +102,7 @@ def train(cfg, module, data, dist, eval_data=None):
         ds_config["checkpoint"] = {"load_universal": True}
     n_params = sum(p.numel() for p in module.parameters() if p.requires_grad)  # before ZeRO-3 partitions them
     if tc.cuda_graph:
-        check_cuda_graph(module, dist.device, ds_config.get("zero_optimization", {}).get("stage", 0), tc.grad_accum)
+        check_cuda_graph(module, dist.device, zero_stage(ds_config), tc.grad_accum)
         module.graph_network(GraphedTraining)
     engine, optimizer = initialize_engine(module, optimizer, ds_config)
     steps_per_epoch = data.steps_per_epoch // tc.grad_accum
