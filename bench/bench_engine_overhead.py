@@ -9,8 +9,8 @@ overhead rather than the arithmetic. Ops are counted with a TorchDispatchMode (e
 on a GPU each non-view op is about one kernel launch). Step time: median wall time of 15 steps after 3, with the
 device synchronised. The plain step is our optimizer (engine.optim) with torch's foreach clipping where clipping
 is on; the engine step is engine.deepspeed_setup's (backward_and_step: DeepSpeed clips under ZeRO-1/2, the step
-itself under ZeRO-0). --layer-decay
-0.8 builds fine-tuning's parameter groups (one per layer) instead of the two of pretraining.
+itself under ZeRO-0). --layer-decay 0.8 builds fine-tuning's parameter groups (one per layer) instead of the two of
+pretraining.
 """
 import argparse
 import collections

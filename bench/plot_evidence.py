@@ -5,8 +5,8 @@
 Left: cifar10-val top-1 after each epoch of the supervised or fine-tuning phase of every arm. Right: the final
 top-1 of each run against its arm's total GPU minutes (pretraining + fine-tuning, wall time of each run on its own
 H100, from run_times.txt, which holds the "== NAME: exit S, T s" lines bench/device_evidence.sh prints). The MAE
-variants are drawn on the left only: they ran two to a GPU and under DeepSpeed ZeRO-0, so their wall times are not
-comparable with the arms' (RESULTS.md). CLIP's arm ran in call 7 beside DeiT-T's second seed on one GPU.
+variants are drawn on the left only: they ran under DeepSpeed ZeRO-0 (call 5 two to a GPU), so their wall times are
+not comparable with the arms' (RESULTS.md). CLIP's arm ran in call 7 beside DeiT-T's second seed on one GPU.
 """
 import argparse
 import json

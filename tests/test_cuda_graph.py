@@ -71,6 +71,9 @@ def test_unsupported_settings_are_named(device, stage, accum, message):
     task = Classifier(tiny_vim(num_classes=3), 3, {})
     with pytest.raises(ValueError, match=message):
         check_cuda_graph(task, torch.device(device), stage, accum)
+
+
+def test_a_task_without_a_network_to_graph_is_named():
     with pytest.raises(ValueError, match="has no network to graph"):
         check_cuda_graph(torch.nn.Linear(2, 2), torch.device("cuda"), 0, 1)
 
