@@ -9,15 +9,15 @@
 #   bench/device_evidence.sh probe NAME [seed]            linear probe of runs/evidence/NAME's encoder; NAME=random:
 #                                                         of a randomly initialised Vim-T
 #   bench/device_evidence.sh deit EPOCHS [seed]           supervised DeiT-T on the Vim-T arm's recipe
-# $OVERRIDES go to every run of the arm (e.g. OVERRIDES=deepspeed=configs/deepspeed/zero0.json), $WORKERS sets the
-# loader workers of each run (default 12).
+# $OVERRIDES go to every run of the arm (e.g. OVERRIDES=train.cuda_graph=true), $TAG is appended to every run's name
+# (so a re-run with other overrides keeps the earlier runs), $WORKERS sets the loader workers of each run (default 12).
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 root=runs/evidence; mkdir -p "$root"
 EX=configs/experiments
 WORKERS=${WORKERS:-12}
 run() {  # NAME SCRIPT ARGS...: one run, then a summary line with its results and wall time
-  local name=$1 start=$SECONDS; shift
+  local name=$1${TAG:-} start=$SECONDS; shift
   python "$@" output_dir=$root/$name data.num_workers=$WORKERS ${OVERRIDES:-} > $root/$name.log 2>&1
   local status=$?
   echo "== $name: exit $status, $((SECONDS - start)) s; results: $(tr -d '\n ' < $root/$name/results.json 2>/dev/null)"
@@ -36,14 +36,14 @@ mae_ft() {  # MAE_EPOCHS FT_EPOCHS [SEED [MAE OVERRIDES...]]: overrides (e.g. ma
   run $name run_pretrain.py --objective mae --config $EX/cifar10_mae_vim_tiny.yaml \
     train.epochs=$epochs optim.warmup_epochs=1 seed=$seed "$@" &&
   run ${name}_ft$ft run_finetune.py --task classification --config $EX/cifar10_finetune_mae_vim_tiny.yaml \
-    --pretrained $root/$name/encoder.safetensors train.epochs=$ft train.eval_every=1 seed=$seed
+    --pretrained $root/$name${TAG:-}/encoder.safetensors train.epochs=$ft train.eval_every=1 seed=$seed
 }
 clip_ft() {
   local name=clip$1_s${3:-0}
   run $name run_pretrain.py --objective clip --config $EX/cifar10_clip_vim_tiny.yaml \
     train.epochs=$1 train.eval_every=$1 optim.warmup_epochs=1 seed=${3:-0} &&
   run ${name}_ft$2 run_finetune.py --task classification --config $EX/cifar10_finetune_clip_vim_tiny.yaml \
-    --pretrained $root/$name/encoder.safetensors train.epochs=$2 train.eval_every=1 seed=${3:-0}
+    --pretrained $root/$name${TAG:-}/encoder.safetensors train.epochs=$2 train.eval_every=1 seed=${3:-0}
 }
 probe() {
   local encoder=()
