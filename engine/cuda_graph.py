@@ -2,9 +2,10 @@
 
 A small model's training step is bound by the host, not the GPU: Vim-T at 32x32 launches about 2,000 kernels a
 step, which an H100 runs faster than Python issues them (BENCHMARKS.md: 1,907 images/s eager, 4,824 with the whole
-step graphed). The task hands its network to `GraphedTraining`; the first training call captures the network's
-forward and backward once (torch.cuda.make_graphed_callables) and later calls replay them. The loss around it,
-Mixup, DeepSpeed's update and logging stay eager.
+step graphed). The task hands its network to `GraphedTraining` (classification: the model; MAE: encoder, decoder and
+loss; CLIP: the image tower); the first training call captures the network's forward and backward once
+(torch.cuda.make_graphed_callables) and later calls replay them. What is around it (the loss, Mixup, CLIP's text
+tower and gathered loss, DeepSpeed's update, logging) stays eager.
 
 What a graph freezes, and so what is refused or falls back:
 - the input's shape: a call with another shape (or in evaluation, or without gradients) runs eagerly;
@@ -57,7 +58,9 @@ class GraphedTraining:
         signature = (tuple(x.shape), x.dtype, x.device)
         if self.graphed is None:
             self.signature = signature
-            self.graphed = self.capture(self.call, (x.detach(),))
+            # allow_unused_input: the method may use only part of the module (CLIP's image tower), whose other
+            # parameters then get no gradient from the replay
+            self.graphed = self.capture(self.call, (x.detach(),), allow_unused_input=True)
         if signature != self.signature:
             return eager(x)
         return self.graphed(x)
@@ -68,8 +71,8 @@ def check_cuda_graph(module, device, zero_stage, grad_accum):
     if device.type != "cuda":
         raise ValueError(f"train.cuda_graph needs a CUDA device, not {device.type}")
     if not hasattr(module, "graph_network"):
-        raise ValueError(f"train.cuda_graph: {type(module).__name__} has no network to graph (classification and "
-                         f"MAE have one)")
+        raise ValueError(f"train.cuda_graph: {type(module).__name__} has no network to graph (classification, "
+                         f"MAE and CLIP have one)")
     if zero_stage == 3:
         raise ValueError("train.cuda_graph does not work with ZeRO stage 3 (its hooks gather parameters inside the "
                          "forward): use stage 0, 1 or 2")

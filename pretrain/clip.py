@@ -130,6 +130,7 @@ class ClipModel(nn.Module):
         self.classnames, self.templates, self.tokenizer = classnames, templates, tokenizer
         self._zeroshot = None          # (weights, steps seen) cache of the zero-shot classifier
         self._steps = 0
+        self.graphed_image = None      # train.cuda_graph: a GraphedTraining of encode_image (engine/cuda_graph.py)
 
     @torch.jit.ignore
     def no_weight_decay(self):
@@ -150,10 +151,18 @@ class ClipModel(nn.Module):
         return self.logit_scale.clamp(0, self.max_logit_scale).exp()
 
     def forward(self, batch):
-        image_features = self.encode_image(batch["image"])
+        image_features = (self.graphed_image or self.encode_image)(batch["image"])
         text_features = self.encode_text(batch["text"])
         scale = self.scale()
         return self.loss_fn(image_features, text_features, scale), {"logit_scale": scale.detach()}
+
+    @property
+    def graph_safe(self):
+        return self.visual.graph_safe
+
+    def graph_network(self, wrap):
+        # the image tower only: the text tower is small, and the loss gathers features over ranks
+        self.graphed_image = wrap(self, "encode_image")
 
     def on_step_end(self):
         self._steps += 1

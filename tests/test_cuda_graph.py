@@ -10,6 +10,7 @@ from engine.cuda_graph import GraphedTraining, check_cuda_graph
 from finetune import Classifier
 from helpers import TINY_MODEL
 from pretrain import MaskedAutoencoder
+from test_clip import tiny_clip
 
 
 def tiny_vim(**kwargs):
@@ -24,7 +25,7 @@ class StandIn:
         self.captured = []
         self.calls = 0
 
-    def __call__(self, module, sample_args):
+    def __call__(self, module, sample_args, allow_unused_input=False):
         self.captured.append(tuple(sample_args[0].shape))
 
         def replay(x):
@@ -105,6 +106,20 @@ def test_mae_trains_through_the_graphed_loss():
     assert capture.captured == [(3, 3, 32, 32)] and capture.calls == 1
     loss.backward()
     assert encoder.patch_embed.proj.weight.grad is not None
+
+
+def test_clip_trains_through_the_graphed_image_tower():
+    torch.manual_seed(0)
+    model = tiny_clip(["circle", "square"])
+    batch = {"image": torch.randn(3, 3, 32, 32), "text": model.tokenizer(["a circle.", "a square.", "a circle."])}
+    eager_loss, _ = model(batch)
+    capture = StandIn()
+    model.graph_network(lambda module, method: GraphedTraining(module, method, capture=capture))
+    loss, _ = model(batch)
+    assert capture.captured == [(3, 3, 32, 32)] and capture.calls == 1
+    assert torch.allclose(loss, eager_loss)
+    loss.backward()
+    assert model.visual.patch_embed.proj.weight.grad is not None and model.text.token_embedding.weight.grad is not None
 
 
 def test_cuda_graph_on_cpu_is_a_config_error(tmp_path, default_data_cache):
