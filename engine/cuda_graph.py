@@ -13,7 +13,11 @@ What a graph freezes, and so what is refused or falls back:
   coin flip per batch) is refused; random numbers drawn on the GPU (drop path, MAE's masks) are fresh at every
   replay;
 - gradient buffers: the replayed backward writes into the same buffers each step, so gradient accumulation over
-  micro-steps (train.grad_accum > 1) is refused, as is ZeRO-3 (its hooks gather parameters inside the forward).
+  micro-steps (train.grad_accum > 1) is refused;
+- DeepSpeed's gradient hooks: ZeRO-1/2's reduction hooks and the all-reduce of several ranks run inside the backward
+  being captured, which invalidates the capture (seen on 2 H100s under ZeRO-1 and ZeRO-2: cudaErrorStreamCaptureImplicit),
+  and ZeRO-3 gathers parameters inside the forward. So it runs on one GPU under ZeRO-0, where the engine's step
+  is a plain PyTorch step (engine/deepspeed_setup.py).
 """
 import torch
 import torch.nn as nn
@@ -66,16 +70,17 @@ class GraphedTraining:
         return self.graphed(x)
 
 
-def check_cuda_graph(module, device, zero_stage, grad_accum):
+def check_cuda_graph(module, device, zero_stage, grad_accum, world_size):
     """Raise ValueError, naming the setting, where train.cuda_graph cannot work."""
     if device.type != "cuda":
         raise ValueError(f"train.cuda_graph needs a CUDA device, not {device.type}")
     if not hasattr(module, "graph_network"):
         raise ValueError(f"train.cuda_graph: {type(module).__name__} has no network to graph (classification, "
                          f"MAE and CLIP have one)")
-    if zero_stage == 3:
-        raise ValueError("train.cuda_graph does not work with ZeRO stage 3 (its hooks gather parameters inside the "
-                         "forward): use stage 0, 1 or 2")
+    if world_size > 1 or zero_stage != 0:
+        raise ValueError(f"train.cuda_graph runs on one GPU under ZeRO stage 0 (DeepSpeed's gradient reduction hooks "
+                         f"would run inside the captured backward), got {world_size} ranks and stage {zero_stage}: use "
+                         f"deepspeed=configs/deepspeed/zero0.json on one GPU, or turn train.cuda_graph off")
     if grad_accum > 1:
         raise ValueError(f"train.cuda_graph needs train.grad_accum 1, got {grad_accum} (the replayed backward "
                          f"reuses its gradient buffers every micro-step)")
