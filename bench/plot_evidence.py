@@ -2,11 +2,13 @@
 
     python bench/plot_evidence.py [--runs results/evidence_cifar10] [--out results/evidence_cifar10.png]
 
-Left: cifar10-val top-1 after each epoch of the supervised or fine-tuning phase of every arm. Right: the final
-top-1 of each run against its arm's total GPU minutes (pretraining + fine-tuning, wall time of each run on its own
-H100, from run_times.txt, which holds the "== NAME: exit S, T s" lines bench/device_evidence.sh prints). The MAE
-variants are drawn on the left only: they ran under DeepSpeed ZeRO-0 (call 5 two to a GPU), so their wall times are
-not comparable with the arms' (RESULTS.md). CLIP's arm ran in call 7 beside DeiT-T's second seed on one GPU.
+Left: cifar10-val top-1 after each epoch of the supervised or fine-tuning phase of every arm. Middle: the same for
+the runs with train.cuda_graph (calls 8 and 9: the short and the longer equal-time budget). Right: the final top-1
+of each run against its arm's total GPU minutes (pretraining + fine-tuning, wall time of each run on its own H100,
+from run_times.txt, which holds the "== NAME: exit S, T s" lines bench/device_evidence.sh prints); the graphed
+runs as triangles. The MAE variants are drawn on the left only: they ran under DeepSpeed ZeRO-0 (call 5 two to a
+GPU), so their wall times are not comparable with the arms' (RESULTS.md). CLIP's arm ran in call 7 beside DeiT-T's
+second seed on one GPU.
 """
 import argparse
 import json
@@ -25,6 +27,13 @@ ARMS = {
     "MAE 10 ep. -> fine-tune 6": [("mae10_s0_ft6", "mae10_s0"), ("mae10_s1_ft6", "mae10_s1")],
     "CLIP 4 ep. -> fine-tune 6": [("clip4_s0_ft6", "clip4_s0_call7")],
     "DeiT-T supervised, 12 epochs": [("deit12_s0", None), ("deit12_s1", None)],
+}
+# the same, every run with train.cuda_graph under ZeRO-0 (calls 8 and 9)
+GRAPHED = {
+    "supervised, 12 epochs": [("sup12_s0_graph", None), ("sup12_s1_graph", None)],
+    "MAE 10 ep. -> fine-tune 6": [("mae10_s0_ft6_graph", "mae10_s0_graph"), ("mae10_s1_ft6_graph", "mae10_s1_graph")],
+    "supervised, 20 epochs": [("sup20_s0_graph", None)],
+    "MAE 16 ep. -> fine-tune 12": [("mae16_s0_ft12_graph", "mae16_s0_graph")],
 }
 # variant label -> fine-tuning runs (MAE 10 epochs with one change -> fine-tune 6), curves only
 MAE_VARIANTS = {
@@ -53,26 +62,36 @@ def main():
         found = re.search(r"== (\S+): exit \d+, (\d+) s", line)
         if found:
             seconds[found[1]] = int(found[2])  # a later line (a re-run) replaces an earlier one
-    fig, (curves, budget) = plt.subplots(1, 2, figsize=(12, 4.5))
+    fig, (curves, graphed, budget) = plt.subplots(1, 3, figsize=(18, 4.8))
     colors = plt.cm.tab10.colors + plt.cm.Dark2.colors  # one per arm and variant (11 > tab10's 10)
-    for color, (label, seeds) in zip(colors, ARMS.items()):
-        for i, (finetune, pretrain) in enumerate(seeds):
-            top1 = top1_per_epoch(runs / finetune)
-            curves.plot(range(1, len(top1) + 1), top1, "o-", color=color, label=label if i == 0 else None, ms=3)
-            minutes = (seconds[finetune] + (seconds[pretrain] if pretrain else 0)) / 60
-            budget.scatter(minutes, top1[-1], color=color, label=label if i == 0 else None)
+
+    def draw_arms(arms, arm_colors, axes, marker, suffix):
+        for color, (label, seeds) in zip(arm_colors, arms.items()):
+            for i, (finetune, pretrain) in enumerate(seeds):
+                top1 = top1_per_epoch(runs / finetune)
+                name = label + suffix if i == 0 else None
+                axes.plot(range(1, len(top1) + 1), top1, marker + "-", color=color, label=name, ms=3)
+                minutes = (seconds[finetune] + (seconds[pretrain] if pretrain else 0)) / 60
+                budget.scatter(minutes, top1[-1], color=color, marker=marker, label=name)
+
+    draw_arms(ARMS, colors, curves, "o", "")
+    # graphed arms: the eager arms' colours for the short budget, darker ones for the longer budget
+    draw_arms(GRAPHED, (colors[0], colors[2], "#08306b", "#00441b"), graphed, "^", ", graphed")
     for color, (label, finetunes) in zip(colors[len(ARMS):], MAE_VARIANTS.items()):
         for i, finetune in enumerate(finetunes):
             top1 = top1_per_epoch(runs / finetune)
             curves.plot(range(1, len(top1) + 1), top1, "s--", color=color, label=label if i == 0 else None, ms=3)
     curves.set(xlabel="epoch of the supervised / fine-tuning phase", ylabel="cifar10-val top-1 (%)",
                title="Vim-T 32x32: top-1 after each epoch")
+    graphed.set(xlabel="epoch of the supervised / fine-tuning phase", ylabel="cifar10-val top-1 (%)",
+                title="train.cuda_graph: two equal-time budgets")
     budget.set(xlabel="GPU minutes of the arm (pretraining + fine-tuning, one H100)", ylabel="final top-1 (%)",
                title="final top-1 against the arm's GPU time")
-    for ax in (curves, budget):
+    for ax in (curves, graphed, budget):
         ax.grid(alpha=0.3)
     curves.legend(fontsize=7, loc="lower right")
-    budget.legend(fontsize=8, loc="upper left")
+    graphed.legend(fontsize=8, loc="lower right")
+    budget.legend(fontsize=7, loc="upper left")
     fig.tight_layout()
     fig.savefig(args.out, dpi=110)
     print(f"wrote {args.out}")
