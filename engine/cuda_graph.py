@@ -14,10 +14,10 @@ What a graph freezes, and so what is refused or falls back:
   replay;
 - gradient buffers: the replayed backward writes into the same buffers each step, so gradient accumulation over
   micro-steps (train.grad_accum > 1) is refused;
-- DeepSpeed's gradient hooks: ZeRO-1/2's reduction hooks and the all-reduce of several ranks run inside the backward
-  being captured, which invalidates the capture (seen on 2 H100s under ZeRO-1 and ZeRO-2: cudaErrorStreamCaptureImplicit),
-  and ZeRO-3 gathers parameters inside the forward. So it runs on one GPU under ZeRO-0, where the engine's step
-  is a plain PyTorch step (engine/deepspeed_setup.py).
+- DeepSpeed's gradient hooks: ZeRO-1/2's optimizer hooks run inside the backward being captured, which invalidates
+  the capture (seen on 2 H100s: cudaErrorStreamCaptureImplicit), and ZeRO-3 gathers parameters inside the forward.
+  So it needs ZeRO-0, where the engine's step is a plain PyTorch step (engine/deepspeed_setup.py), and one GPU:
+  several ranks under ZeRO-0 (whose all-reduce runs after the backward, outside the graph) have not been run yet.
 """
 import torch
 import torch.nn as nn
@@ -77,10 +77,12 @@ def check_cuda_graph(module, device, zero_stage, grad_accum, world_size):
     if not hasattr(module, "graph_network"):
         raise ValueError(f"train.cuda_graph: {type(module).__name__} has no network to graph (classification, "
                          f"MAE and CLIP have one)")
-    if world_size > 1 or zero_stage != 0:
-        raise ValueError(f"train.cuda_graph runs on one GPU under ZeRO stage 0 (DeepSpeed's gradient reduction hooks "
-                         f"would run inside the captured backward), got {world_size} ranks and stage {zero_stage}: use "
-                         f"deepspeed=configs/deepspeed/zero0.json on one GPU, or turn train.cuda_graph off")
+    if zero_stage != 0:
+        raise ValueError(f"train.cuda_graph needs ZeRO stage 0, got stage {zero_stage} (its gradient hooks run inside "
+                         f"the captured backward): use deepspeed=configs/deepspeed/zero0.json or turn it off")
+    if world_size > 1:
+        raise ValueError(f"train.cuda_graph runs on one GPU, got {world_size} ranks (not yet verified on several: "
+                         f"BENCHMARKS.md); turn it off for multi-GPU runs")
     if grad_accum > 1:
         raise ValueError(f"train.cuda_graph needs train.grad_accum 1, got {grad_accum} (the replayed backward "
                          f"reuses its gradient buffers every micro-step)")

@@ -65,9 +65,9 @@ def test_host_side_coin_flip_is_refused():
 
 @pytest.mark.parametrize("device, stage, accum, ranks, message", [
     ("cpu", 0, 1, 1, "needs a CUDA device"),
-    ("cuda", 1, 1, 1, "got 1 ranks and stage 1"),
-    ("cuda", 3, 1, 1, "got 1 ranks and stage 3"),
-    ("cuda", 0, 1, 2, "got 2 ranks and stage 0"),
+    ("cuda", 1, 1, 1, "needs ZeRO stage 0, got stage 1"),
+    ("cuda", 3, 1, 1, "needs ZeRO stage 0, got stage 3"),
+    ("cuda", 0, 1, 2, "runs on one GPU, got 2 ranks"),
     ("cuda", 0, 2, 1, "grad_accum 1, got 2"),
 ])
 def test_unsupported_settings_are_named(device, stage, accum, ranks, message):
