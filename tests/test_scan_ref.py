@@ -3,7 +3,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kernels import bidirectional_scan
+from kernels import bidirectional_scan, scan_ref
 
 
 def naive_scan(u, delta, A, B, C, D, z, delta_bias):
@@ -48,6 +48,34 @@ def test_reference_gradients_match_naive_loop():
     ref_grads = torch.autograd.grad((ref * w).sum(), ref_args)
     for g, rg in zip(grads, ref_grads):
         assert torch.allclose(g, rg, rtol=1e-9, atol=1e-10)
+
+
+def saved_bytes(fn):
+    """fn()'s result and the bytes of the distinct storages autograd keeps for its backward."""
+    storages = {}
+
+    def pack(t):
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return out, sum(storages.values())
+
+
+def test_large_scans_recompute_chunks_with_the_same_gradients(monkeypatch):
+    batch, E, L, N = 2, 32, 150, 8                  # 76,800 state elements a direction: above RECOMPUTE_ABOVE
+    args = [a.double().requires_grad_() for a in random_inputs(batch, E, L, N, seed=4)]
+    w = torch.randn(batch, E, L, dtype=torch.float64)
+    results = {}
+    for mode, threshold in (("keep", 1 << 62), ("recompute", scan_ref.RECOMPUTE_ABOVE)):
+        monkeypatch.setattr(scan_ref, "RECOMPUTE_ABOVE", threshold)
+        y, kept = saved_bytes(lambda: bidirectional_scan(*args, backend="reference"))
+        results[mode] = (y, kept, torch.autograd.grad((y * w).sum(), args))
+    state_bytes = 2 * batch * E * N * L * 8         # one (E, N, L) float64 tensor per direction
+    assert results["recompute"][1] < 4 * state_bytes and results["keep"][1] > 12 * state_bytes  # ~2.9 and ~20
+    assert torch.equal(results["recompute"][0], results["keep"][0])
+    for g_recompute, g_keep in zip(results["recompute"][2], results["keep"][2]):
+        assert torch.allclose(g_recompute, g_keep, rtol=1e-12, atol=1e-14)
 
 
 def test_reference_gradcheck():
