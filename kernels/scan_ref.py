@@ -5,19 +5,16 @@ The specification and test oracle of the fused kernels: differentiable, any devi
 recurrence over L runs as a log-depth (Hillis-Steele) scan inside chunks of `CHUNK` tokens with the
 state carried from chunk to chunk, so the Python loop count is L / CHUNK * log2(CHUNK), not L.
 
-The log-depth scan makes ~30 (..., E, N, chunk) intermediates that autograd would keep for the backward (4.4 GB an
-image for a Vim-T forward at 224). Where a direction's (..., E, N, L) state tensor has more than `RECOMPUTE_ABOVE`
-elements and gradients are on, each chunk is recomputed in the backward instead (torch.utils.checkpoint): what is
-kept drops to the decay and input tensors (0.6 GB an image), for 10-35% more time; tiny shapes (the tests) keep all.
+The recurrence has its own backward (`_LinearRecurrence`), the same kind of scan run in reverse: autograd through
+the log-depth scan would keep its ~20 intermediates of every chunk (4.4 GiB an image for a Vim-T step at 224); the
+Function keeps the decays and the states only.
 """
 import torch
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
 from ._checks import check_orders, check_scan_inputs
 
 CHUNK = 64
-RECOMPUTE_ABOVE = 1 << 16
 
 
 def _linear_recurrence(decay, inp, h0):
@@ -38,10 +35,27 @@ def _linear_recurrence(decay, inp, h0):
     return a * h0.unsqueeze(-1) + b
 
 
-def _scan_chunk(decay, inp, h0, C):
-    """One chunk: outputs sum_n h_t * C_t (..., E, T) and the last state (..., E, N)."""
-    hs = _linear_recurrence(decay, inp, h0)
-    return (hs * C.unsqueeze(-3)).sum(-2), hs[..., -1].contiguous()  # a copy: a view would keep hs alive
+class _LinearRecurrence(torch.autograd.Function):
+    """_linear_recurrence with a backward that keeps only decay and the states.
+
+    With g the gradient of the loss with respect to h_t through all later states,
+    g_t = dL/dh_t + decay_{t+1} g_{t+1}: the same recurrence run from the end. Then dL/dinp_t = g_t,
+    dL/ddecay_t = g_t h_{t-1} (h_{-1} = h0) and dL/dh0 = decay_0 g_0.
+    """
+
+    @staticmethod
+    def forward(ctx, decay, inp, h0):
+        hs = _linear_recurrence(decay, inp, h0)
+        ctx.save_for_backward(decay, hs, h0)
+        return hs
+
+    @staticmethod
+    def backward(ctx, grad_hs):
+        decay, hs, h0 = ctx.saved_tensors
+        next_decay = F.pad(decay[..., 1:], (0, 1))                     # decay_{t+1}, 0 past the end
+        g = _linear_recurrence(next_decay.flip(-1), grad_hs.flip(-1), torch.zeros_like(h0)).flip(-1)
+        h_prev = torch.cat([h0.unsqueeze(-1), hs[..., :-1]], dim=-1)
+        return g * h_prev, g, decay[..., 0] * g[..., 0]
 
 
 def selective_scan_ref(u, delta, A, B, C, D, delta_bias, reverse):
@@ -59,12 +73,12 @@ def selective_scan_ref(u, delta, A, B, C, D, delta_bias, reverse):
     decay = torch.exp(dt.unsqueeze(-2) * A.unsqueeze(-1))                 # (..., E, N, L)
     inp = (dt * u).unsqueeze(-2) * B.unsqueeze(-3)                         # (..., E, N, L)
     h = torch.zeros(decay.shape[:-1], dtype=dtype, device=u.device)
-    recompute = torch.is_grad_enabled() and decay.numel() > RECOMPUTE_ABOVE
     ys = []
     for start in range(0, u.shape[-1], CHUNK):
-        chunk = (decay[..., start:start + CHUNK], inp[..., start:start + CHUNK], h, C[..., start:start + CHUNK])
-        y, h = checkpoint(_scan_chunk, *chunk, use_reentrant=False) if recompute else _scan_chunk(*chunk)
-        ys.append(y)
+        sl = slice(start, start + CHUNK)
+        hs = _LinearRecurrence.apply(decay[..., sl], inp[..., sl], h)
+        ys.append((hs * C[..., sl].unsqueeze(-3)).sum(-2))
+        h = hs[..., -1]
     y = torch.cat(ys, dim=-1) + D.unsqueeze(-1) * u
     return y.flip(-1) if reverse else y
 
