@@ -111,6 +111,7 @@ class OptimConfig:
 class MaeConfig:
     mask_ratio: float = 0.75
     mask_mode: str = "drop"         # drop: encoder sees visible tokens only; keep: mask tokens stay in the sequence
+    mask_block: int = 1             # side, in patches, of the square blocks masked together (1: per patch, as MAE)
     decoder: str = "transformer"    # transformer | vim
     decoder_embed_dim: int = 512
     decoder_depth: int = 8

@@ -7,6 +7,8 @@ Two masking modes:
   re-inserts mask tokens in place.
 - "keep": the encoder reads the whole grid with a learned mask token in the masked slots, so the scan
   sees a spatially continuous sequence (dropping tokens breaks the neighbourhoods a scan relies on).
+Masks are drawn per patch (MAE) or per square block of mask_block x mask_block patches (BEiT / SimMIM-style
+blocks: the visible tokens come in small 2-D groups, so the scan still sees neighbours next to each other).
 The loss is the MSE on masked patches, optionally on per-patch normalised pixels (norm_pix_loss).
 """
 import torch
@@ -34,14 +36,21 @@ def unpatchify(patches, patch_size, stride, img_size):
     return imgs / counts
 
 
-def random_masking(batch, num_patches, mask_ratio, device, generator=None):
-    """Per-sample uniform random masking.
+def random_masking(batch, num_patches, mask_ratio, device, generator=None, grid_size=None, block=1):
+    """Per-sample random masking of patches, or of square blocks of block x block patches on a grid_size grid.
 
     Returns ids_keep: (batch, K) visible patch indices sorted ascending (raster order), and
-    mask: (batch, M) with 0 = visible, 1 = masked (MAE's convention).
+    mask: (batch, M) with 0 = visible, 1 = masked (MAE's convention). K is the same for every sample; with blocks,
+    whole blocks are kept in a random order and the last one kept may be cut (a random subset of its patches).
     """
     num_keep = max(1, int(round(num_patches * (1 - mask_ratio))))
     noise = torch.rand(batch, num_patches, device=device, generator=generator)
+    if block > 1:
+        gh, gw = grid_size
+        cells = torch.rand(batch, -(-gh // block), -(-gw // block), device=device, generator=generator)
+        rank = cells.flatten(1).argsort(1).argsort(1).view_as(cells).to(noise.dtype)   # each block's place in line
+        rank = rank.repeat_interleave(block, 1).repeat_interleave(block, 2)[:, :gh, :gw].reshape(batch, -1)
+        noise = rank + noise                     # blocks in random order, patches in random order inside a block
     ids_keep = noise.argsort(dim=1)[:, :num_keep].sort(dim=1).values
     mask = torch.ones(batch, num_patches, device=device).scatter_(1, ids_keep, 0.0)
     return ids_keep, mask
@@ -59,6 +68,7 @@ class MaskedAutoencoder(nn.Module):
             model_config: dict,
             mask_ratio: float = 0.75,
             mask_mode: str = "drop",
+            mask_block: int = 1,
             decoder: str = "transformer",
             decoder_embed_dim: int = 512,
             decoder_depth: int = 8,
@@ -74,6 +84,7 @@ class MaskedAutoencoder(nn.Module):
             model_config: {"name": timm name, "kwargs": {...}} that rebuilds the encoder; stored in the export.
             mask_ratio: fraction of patches masked per sample.
             mask_mode: "drop" (visible tokens only) or "keep" (mask tokens in the encoder's sequence).
+            mask_block: side, in patches, of the square blocks masked together (1: each patch on its own).
             decoder: "transformer" (ViT blocks, as MAE) or "vim" (bidirectional Mamba blocks).
             decoder_embed_dim, decoder_depth, decoder_num_heads: decoder size (heads: transformer only).
             norm_pix_loss: regress per-patch normalised pixels.
@@ -84,10 +95,13 @@ class MaskedAutoencoder(nn.Module):
         assert 0.0 < mask_ratio < 1.0, "mask_ratio must be in (0, 1)"
         assert mask_mode in ("drop", "keep"), f"mask_mode must be drop or keep, got {mask_mode!r}"
         assert decoder in ("transformer", "vim"), f"decoder must be transformer or vim, got {decoder!r}"
+        grid = encoder.patch_embed.grid_size
+        assert 1 <= mask_block <= min(grid), f"mask_block must be in [1, {min(grid)}] for a {grid} grid, got {mask_block}"
         self.encoder = encoder
         self.model_config = model_config
         self.mask_ratio = mask_ratio
         self.mask_mode = mask_mode
+        self.mask_block = mask_block
         self.norm_pix_loss = norm_pix_loss
         self.graphed_loss = None  # train.cuda_graph: a GraphedTraining of image_loss (engine/cuda_graph.py)
         pe = encoder.patch_embed
@@ -149,7 +163,8 @@ class MaskedAutoencoder(nn.Module):
         """
         enc = self.encoder
         n = imgs.shape[0]
-        ids_keep, mask = random_masking(n, enc.num_patches, self.mask_ratio, imgs.device, generator)
+        ids_keep, mask = random_masking(n, enc.num_patches, self.mask_ratio, imgs.device, generator,
+                                        enc.patch_embed.grid_size, self.mask_block)
         if self.mask_mode == "drop":
             tokens = enc.patch_tokens(imgs)                                   # position added before masking
             tokens = tokens.gather(1, ids_keep.unsqueeze(-1).expand(-1, -1, tokens.shape[-1]))

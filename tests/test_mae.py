@@ -29,6 +29,34 @@ def test_random_masking_ratio_order_and_restore(ratio):
     assert len({tuple(r.tolist()) for r in ids_keep}) == 5       # per-sample masks
 
 
+@pytest.mark.parametrize("ratio, cut_blocks", [(0.75, 0), (0.7, 1)])
+def test_block_masking_keeps_whole_blocks(ratio, cut_blocks):
+    torch.manual_seed(0)
+    ids_keep, mask = random_masking(6, 64, ratio, "cpu", grid_size=(8, 8), block=2)
+    keep = int(round(64 * (1 - ratio)))
+    assert ids_keep.shape == (6, keep) and (mask.sum(1) == 64 - keep).all()
+    assert (ids_keep.diff(dim=1) > 0).all() and (mask.gather(1, ids_keep) == 0).all()
+    visible_per_block = (1 - mask).view(6, 4, 2, 4, 2).sum((2, 4))          # (sample, block row, block col)
+    partial = ((visible_per_block > 0) & (visible_per_block < 4)).sum((1, 2))
+    assert (partial == cut_blocks).all()                           # whole blocks, except one cut at the count
+    assert len({tuple(r.tolist()) for r in ids_keep}) == 6
+
+
+def test_block_masking_on_a_grid_that_blocks_do_not_tile():
+    ids_keep, mask = random_masking(3, 49, 0.5, "cpu", grid_size=(7, 7), block=2)
+    assert ids_keep.shape == (3, 24) and (mask.sum(1) == 25).all() and ids_keep.max() < 49
+
+
+def test_mae_with_block_masking_trains_and_checks_the_block_size():
+    mae = tiny_mae(mask_block=2)
+    loss, _ = mae({"image": torch.randn(2, 3, 32, 32)})
+    loss.backward()
+    assert torch.isfinite(loss) and mae.encoder.patch_embed.proj.weight.grad is not None
+    for bad in (0, 5):                                             # tiny encoder: a 4 x 4 grid
+        with pytest.raises(AssertionError, match="mask_block must be in"):
+            tiny_mae(mask_block=bad)
+
+
 def test_patchify_roundtrip_including_overlapping_windows():
     imgs = torch.randn(2, 3, 32, 32)
     assert torch.allclose(unpatchify(patchify(imgs, 8, 8), 8, 8, (32, 32)), imgs)
