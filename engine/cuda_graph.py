@@ -9,7 +9,7 @@ tower and gathered loss, DeepSpeed's update, logging) stays eager.
 
 What a graph freezes, and so what is refused or falls back:
 - the input's shape: a call with another shape (or in evaluation, or without gradients) runs eagerly;
-- host-side decisions inside the network: a model whose `graph_safe` is False (Vim with bidir_mode=sequence, a host
+- host-side decisions inside the network: a module containing one whose `graph_safe` is False (Vim with bidir_mode=sequence, a host
   coin flip per batch) is refused; random numbers drawn on the GPU (drop path, MAE's masks) are fresh at every
   replay;
 - gradient buffers: the replayed backward writes into the same buffers each step, so gradient accumulation over
@@ -46,8 +46,10 @@ class GraphedTraining:
     """
 
     def __init__(self, module, method="forward", capture=torch.cuda.make_graphed_callables):
-        if not getattr(module, "graph_safe", True):  # models.VisionMamba's flag
-            raise ValueError(f"train.cuda_graph: this {type(module).__name__} decides on the host per batch "
+        # models.VisionMamba's flag, wherever the Vim sits in the module (classifier, MAE encoder, CLIP image tower)
+        unsafe = [m for m in module.modules() if not getattr(m, "graph_safe", True)]
+        if unsafe:
+            raise ValueError(f"train.cuda_graph: this {type(unsafe[0]).__name__} decides on the host per batch "
                              f"(bidir_mode=sequence), which a CUDA graph would freeze: turn one of the two off")
         self.module = module
         self.call = _Method(module, method)

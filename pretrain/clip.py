@@ -156,10 +156,6 @@ class ClipModel(nn.Module):
         scale = self.scale()
         return self.loss_fn(image_features, text_features, scale), {"logit_scale": scale.detach()}
 
-    @property
-    def graph_safe(self):
-        return self.visual.graph_safe
-
     def graph_network(self, wrap):
         # the image tower only: the text tower is small, and the loss gathers features over ranks
         self.graphed_image = wrap(self, "encode_image")

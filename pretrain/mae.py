@@ -213,10 +213,6 @@ class MaskedAutoencoder(nn.Module):
     def forward(self, batch):
         return (self.graphed_loss or self.image_loss)(batch["image"]), {}
 
-    @property
-    def graph_safe(self):
-        return self.encoder.graph_safe
-
     def graph_network(self, wrap):
         self.graphed_loss = wrap(self, "image_loss")
 

@@ -60,6 +60,10 @@ def test_gradients_flow_through_the_replayed_call():
 def test_host_side_coin_flip_is_refused():
     with pytest.raises(ValueError, match="bidir_mode=sequence"):
         GraphedTraining(tiny_vim(bidir_mode="sequence"))
+    mae = MaskedAutoencoder(tiny_vim(num_classes=0, bidir_mode="sequence"), {}, decoder_embed_dim=16, decoder_depth=1,
+                            decoder_num_heads=2)
+    with pytest.raises(ValueError, match="VisionMamba decides on the host"):   # the encoder inside the MAE
+        GraphedTraining(mae, "image_loss")
     GraphedTraining(tiny_vim())
 
 
