@@ -102,7 +102,7 @@ def train(cfg, module, data, dist, eval_data=None):
         ds_config["checkpoint"] = {"load_universal": True}
     n_params = sum(p.numel() for p in module.parameters() if p.requires_grad)  # before ZeRO-3 partitions them
     if tc.cuda_graph:
-        check_cuda_graph(module, dist.device, zero_stage(ds_config), tc.grad_accum, dist.world_size)
+        check_cuda_graph(module, dist.device, zero_stage(ds_config), tc.grad_accum)
         module.graph_network(GraphedTraining)
     engine, optimizer = initialize_engine(module, optimizer, ds_config)
     steps_per_epoch = data.steps_per_epoch // tc.grad_accum
