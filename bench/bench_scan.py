@@ -8,9 +8,10 @@ Floors, per shape: bytes = each input read once and each output written once, ov
 bandwidth measured in the same run; compute = exp count over the MUFU rate (16 / clock / SM) or instruction count over
 the issue rate (128 lanes / clock / SM), whichever is larger (forward: 1 exp + 4 FP32 instructions per (direction,
 batch, channel, state, token); the backward adds at least 1 exp (recomputed decay) + 11 FP32 instructions).
-floor% = floor / measured.
+floor% = floor / measured. A call's host work (argument checks, the B / C copies, ~10 kernel launches) can exceed
+the forward kernel's ~0.25 ms, so `--graph` times replays of a CUDA graph of the call instead (GPU time only).
 
-    python bench/bench_scan.py [--shapes 0,1,2,3,4] [--no-ref]
+    python bench/bench_scan.py [--shapes 0,1,2,3,4] [--no-ref] [--graph]
 """
 import argparse
 import os
@@ -22,7 +23,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 import triton  # noqa: E402
-from triton.testing import do_bench  # noqa: E402
+from triton.testing import do_bench, do_bench_cudagraph  # noqa: E402
 
 from kernels import bidirectional_scan  # noqa: E402
 
@@ -63,7 +64,7 @@ def make_inputs(batch, E, L, N=N_STATE, dtype=torch.bfloat16, device="cuda", see
     return xs
 
 
-def time_backend(backend, xs, grad_out):
+def time_backend(backend, xs, grad_out, graph=False):
     def fwd():
         return bidirectional_scan(*xs, backend=backend)
 
@@ -71,6 +72,10 @@ def time_backend(backend, xs, grad_out):
         out = bidirectional_scan(*xs, backend=backend)
         return torch.autograd.grad(out, xs, grad_out)
 
+    if graph:  # GPU time only (an eager call first compiles the kernels)
+        fwd_bwd()
+        return (do_bench_cudagraph(fwd, rep=200, return_mode="median"),
+                do_bench_cudagraph(fwd_bwd, rep=200, return_mode="median"))
     t_f = do_bench(fwd, warmup=25, rep=200, return_mode="median")
     t_fb = do_bench(fwd_bwd, warmup=25, rep=200, return_mode="median")
     return t_f, t_fb
@@ -108,22 +113,23 @@ def floors(batch, E, L, N, bw, sms, clock):
     return f_fwd * 1e3, f_fb * 1e3, fwd_bytes / bw * 1e3, compute(elems, 4 * elems) * 1e3
 
 
-def run(shapes=range(len(SHAPES)), with_ref=True, log=print):
+def run(shapes=range(len(SHAPES)), with_ref=True, log=print, graph=False):
     props = torch.cuda.get_device_properties(0)
     sms, clock = props.multi_processor_count, sm_clock_hz()
     bw = copy_bandwidth()
     log(f"device: {props.name}, {sms} SMs, max SM clock {clock / 1e9:.2f} GHz, copy bandwidth {bw / 1e12:.2f} TB/s; "
-        f"torch {torch.__version__}, triton {triton.__version__}")
+        f"torch {torch.__version__}, triton {triton.__version__}"
+        + ("; timed as CUDA-graph replays (GPU time, no host launch cost)" if graph else ""))
     rows = []
     for i in shapes:
         batch, E, L, what, cuda_f, cuda_fb = SHAPES[i]
         xs = make_inputs(batch, E, L)
         grad_out = token_major(torch.randn(batch, E, L, device="cuda").to(torch.bfloat16))
-        t_f, t_fb = time_backend("triton", xs, grad_out)
+        t_f, t_fb = time_backend("triton", xs, grad_out, graph)
         ref = None
         if with_ref and batch * E * L * N_STATE <= REF_MAX_ELEMS:
             try:
-                ref = time_backend("reference", xs, grad_out)
+                ref = time_backend("reference", xs, grad_out, graph)
             except torch.cuda.OutOfMemoryError:
                 ref = None
             torch.cuda.empty_cache()
@@ -148,5 +154,6 @@ if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--shapes", default=",".join(str(i) for i in range(len(SHAPES))))
     p.add_argument("--no-ref", action="store_true", help="skip the reference backend")
+    p.add_argument("--graph", action="store_true", help="time replays of a CUDA graph of each call (GPU time only)")
     a = p.parse_args()
-    run([int(s) for s in a.shapes.split(",")], with_ref=not a.no_ref)
+    run([int(s) for s in a.shapes.split(",")], with_ref=not a.no_ref, graph=a.graph)

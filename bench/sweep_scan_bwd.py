@@ -1,11 +1,11 @@
-"""Sweep of the Triton scan backward's tuning constants (kernels/scan_triton.py: _CK, _SEG, _BWD_MAXNREG, _BWD_WARPS)
-on the GPU.
+"""Sweep of the Triton scan backward's tuning constants (kernels/scan_triton.py: _CK, _SEG, _BWD_MAXNREG, _BWD_WARPS,
+_BWD_BLOCK_E) on the GPU.
 
 Each setting is checked against the shipped one's gradients (same inputs; they differ only by float summation
 order) before it is timed; fwd+bwd CUDA-event medians as in bench_scan.py.
 
-    python bench/sweep_scan_bwd.py [--shapes 0,3] [--settings 16,2,0 8,2,0,2 ...]   (CK,SEG,MAXNREG[,WARPS]; MAXNREG 0 =
-    no cap, WARPS default 1)
+    python bench/sweep_scan_bwd.py [--shapes 0,3] [--settings 16,2,0 8,2,0,2 16,2,0,1,16 ...]
+    (CK,SEG,MAXNREG[,WARPS[,BLOCK_E]]; MAXNREG 0 = no cap, WARPS default 1, BLOCK_E (channels a program) default 32)
 """
 import argparse
 import os
@@ -33,28 +33,34 @@ def main():
     p.add_argument("--shapes", default="0,3")
     p.add_argument("--settings", nargs="+", default=DEFAULT_SETTINGS)
     a = p.parse_args()
+    knobs = ("_CK", "_SEG", "_BWD_MAXNREG", "_BWD_WARPS", "_BWD_BLOCK_E")
+    shipped = tuple(getattr(scan_triton, k) for k in knobs)
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}; shipped: "
-          f"CK {scan_triton._CK}, SEG {scan_triton._SEG}, maxnreg {scan_triton._BWD_MAXNREG}, warps {scan_triton._BWD_WARPS}")
-    shipped = (scan_triton._CK, scan_triton._SEG, scan_triton._BWD_MAXNREG, scan_triton._BWD_WARPS)
+          + ", ".join(f"{k.strip('_')} {v}" for k, v in zip(knobs, shipped)))
     cases = []
     for i in (int(s) for s in a.shapes.split(",")):
         batch, E, L, what = SHAPES[i][:4]
         xs = make_inputs(batch, E, L)
         grad_out = token_major(torch.randn(batch, E, L, device="cuda").to(torch.bfloat16))
         cases.append((what, xs, grad_out, gradients(xs, grad_out)))
-    print("| CK, SEG, maxnreg, warps | " + " | ".join(f"{c[0]} fwd+bwd ms (max rel. diff)" for c in cases) + " |")
+    print("| CK, SEG, maxnreg, warps, channels | "
+          + " | ".join(f"{c[0]} fwd / fwd+bwd ms (max rel. diff)" for c in cases) + " |")
     print("|---|" + "---|" * len(cases))
     for setting in a.settings:
-        ck, seg, nreg, warps = ([int(v) for v in setting.split(",")] + [1])[:4]
-        scan_triton._CK, scan_triton._SEG, scan_triton._BWD_MAXNREG, scan_triton._BWD_WARPS = ck, seg, nreg or None, warps
+        values = [int(v) for v in setting.split(",")]
+        ck, seg, nreg, warps, block_e = values + [0, 0, 0, 1, 32][len(values):]
+        for k, v in zip(knobs, (ck, seg, nreg or None, warps, block_e)):
+            setattr(scan_triton, k, v)
         cells = []
         for what, xs, grad_out, ref in cases:
             got = gradients(xs, grad_out)
             diff = max(((g.float() - r.float()).abs().max() / r.float().abs().max().clamp_min(1e-30)).item()
                        for g, r in zip(got, ref))
-            cells.append(f"{time_backend('triton', xs, grad_out)[1]:.3f} ({diff:.1e})")
-        print(f"| {ck}, {seg}, {nreg or 'none'}, {warps} | " + " | ".join(cells) + " |", flush=True)
-    scan_triton._CK, scan_triton._SEG, scan_triton._BWD_MAXNREG, scan_triton._BWD_WARPS = shipped
+            t_f, t_fb = time_backend('triton', xs, grad_out)
+            cells.append(f"{t_f:.3f} / {t_fb:.3f} ({diff:.1e})")
+        print(f"| {ck}, {seg}, {nreg or 'none'}, {warps}, {block_e} | " + " | ".join(cells) + " |", flush=True)
+    for k, v in zip(knobs, shipped):
+        setattr(scan_triton, k, v)
 
 
 if __name__ == "__main__":

@@ -30,8 +30,8 @@ import triton.language as tl
 
 from . import scan_triton as st
 from ._checks import check_orders, check_scan_inputs
-from .scan_triton import (LN2, LOG2E, _add2, _cast, _chunk_combine_kernel, _exp2, _fwd_load, _fwd_step, _lane_sum,
-                          _lane_sum_index, _load_n, _sigmoid, _softplus)
+from .scan_triton import (LN2, LOG2E, _add2, _cast, _chunk_combine_kernel, _exp2, _fwd_load, _fwd_step, _col_sum,
+                          _col_sum_rows, _load_n, _sigmoid, _softplus)
 
 __all__ = ["multidirectional_scan_triton", "MultidirectionalScanFn"]
 
@@ -289,9 +289,9 @@ def _md_bwd_chunk_state_kernel(
 # ----------------------------------------------------------------------------------------------------------------------
 @triton.jit
 def _md_sweep(h, A2, bias, p_start, p_end, T, o_p, u_p, d_p, B_p, su_l, sd_l, sB_l, me, mn, ck, ck_off,
-              y_p, sy_l, dC_p, mC, lane, NN,
+              y_p, sy_l, dC_p, mC, col, NN,
               EVERY: tl.constexpr, TILE: tl.constexpr, EVEN_N: tl.constexpr, FAST: tl.constexpr,
-              WITH_DC: tl.constexpr, LOG_N: tl.constexpr):
+              WITH_DC: tl.constexpr, SCATTER: tl.constexpr, LOG_C: tl.constexpr):
     """Forward recurrence over scan steps [p_start, p_end), storing the state before every EVERY-th step (counted
     from p_start) to ck. WITH_DC: also dC_t = sum over channels of h_t * dy_t (this block's partial)."""
     t = tl.load(o_p + p_start)
@@ -310,7 +310,7 @@ def _md_sweep(h, A2, bias, p_start, p_end, T, o_p, u_p, d_p, B_p, su_l, sd_l, sB
         h = tl.exp2(dt[None, :] * A2) * h + (dt * u)[None, :] * Bt[:, None]
         if WITH_DC:
             dy = tl.load(y_p + t * sy_l, mask=me, other=0.0)
-            tl.store(dC_p + t * NN, _lane_sum(h * dy[None, :], lane, LOG_N), mask=mC)
+            tl.store(dC_p + t * NN, _col_sum(h * dy[None, :], col, SCATTER, LOG_C), mask=mC)
         u, x, Bt, t, tn = un, xn, Bn, tn, tnn
     return h
 
@@ -334,10 +334,11 @@ def _md_scan_bwd_kernel(
     sgd_d, sgd_b, sgd_e, sgd_l,
     zero,
     # meta-parameters
-    BLOCK_N: tl.constexpr, LOG_N: tl.constexpr, CK: tl.constexpr, SEG: tl.constexpr, HAS_CARRY: tl.constexpr,
+    BLOCK_N: tl.constexpr, SCATTER: tl.constexpr, CK: tl.constexpr, SEG: tl.constexpr, HAS_CARRY: tl.constexpr,
     EVEN_N: tl.constexpr, FAST: tl.constexpr,
 ):
     BLOCK_E: tl.constexpr = 32
+    LOG_C: tl.constexpr = 5
     NSUB: tl.constexpr = (CK + SEG - 1) // SEG
     TILE: tl.constexpr = BLOCK_E * BLOCK_N
     pid_e = tl.program_id(0)
@@ -346,8 +347,8 @@ def _md_scan_bwd_kernel(
     n_eb = tl.num_programs(0)
     d = pid2 // nchunks
     c = pid2 % nchunks
-    lane = tl.arange(0, BLOCK_E)
-    e = pid_e * BLOCK_E + lane
+    col = tl.arange(0, BLOCK_E)
+    e = pid_e * BLOCK_E + col
     n = tl.arange(0, BLOCK_N)
     me = e < E
     mn = n < N
@@ -359,7 +360,7 @@ def _md_scan_bwd_kernel(
 
     ne_off = zero + n[:, None] * E + e[None, :]
     A2 = tl.load(A_ptr + d64 * E * N + ne_off, mask=m2, other=0.0) * LOG2E
-    ck_off = zero + n[:, None] * BLOCK_E + lane[None, :]
+    ck_off = zero + n[:, None] * BLOCK_E + col[None, :]
     Dv = tl.load(D_ptr + d * E + e, mask=me, other=0.0)
     bias = tl.load(bias_ptr + d * E + e, mask=me, other=0.0)
     cbase = ((d64 * batch + b) * nchunks + c) * N * E
@@ -384,17 +385,17 @@ def _md_scan_bwd_kernel(
     ck = ck_ptr + prog * nblk * TILE
     ck2 = ck2_ptr + prog * NSUB * TILE
 
-    # dB / dC partial sums of this channel block go to (n_eb, K, batch, L, N); after the reduce-scatter over the
-    # lanes, lane l holds row `_lane_sum_index(l)` (rows >= N are padding)
-    nidx = _lane_sum_index(lane, LOG_N)
-    part_off = ((pid_e.to(tl.int64) * K + d) * batch + b) * L * N + nidx
+    # dB / dC partial sums of this channel block go to (n_eb, K, batch, L, N), reduce-scattered over the lanes as in
+    # scan_triton.py (rows >= N are padding)
+    nres = _col_sum_rows(n, col, SCATTER, LOG_C)
+    part_off = ((pid_e.to(tl.int64) * K + d) * batch + b) * L * N + nres
     dB_p = dB_ptr + part_off
     dC_p = dC_ptr + part_off
-    mBC = nidx < N
+    mBC = (nres < N) & ((col & ((1 << (LOG_C - SCATTER)) - 1)) == 0)[None, :]
 
     # phase 1: forward recurrence from the chunk's start state, a checkpoint before every CK steps
     h = _md_sweep(h, A2, bias, 0, T, T, o_p, u_p, d_p, B_p, su_l, sd_l, sB_l, me, mn, ck, ck_off,
-                  y_p, sy_l, dC_p, mBC, lane, N, CK, TILE, EVEN_N, FAST, False, LOG_N)
+                  y_p, sy_l, dC_p, mBC, col, N, CK, TILE, EVEN_N, FAST, False, SCATTER, LOG_C)
 
     # phase 2: CK blocks from the last; each is re-swept into level-2 checkpoints (producing dC on the way), then its
     # SEG-step sub-blocks are recomputed into registers and walked backwards (producing the rest)
@@ -407,7 +408,7 @@ def _md_scan_bwd_kernel(
         pb = jb * CK
         h = tl.load(ck + jb * TILE + ck_off)
         h = _md_sweep(h, A2, bias, pb, tl.minimum(pb + CK, T), T, o_p, u_p, d_p, B_p, su_l, sd_l, sB_l, me, mn,
-                      ck2, ck_off, y_p, sy_l, dC_p, mBC, lane, N, SEG, TILE, EVEN_N, FAST, True, LOG_N)
+                      ck2, ck_off, y_p, sy_l, dC_p, mBC, col, N, SEG, TILE, EVEN_N, FAST, True, SCATTER, LOG_C)
         nsub = tl.cdiv(tl.minimum(CK, T - pb), SEG)
         for jsr in range(0, nsub):
             js = nsub - 1 - jsr
@@ -454,7 +455,7 @@ def _md_scan_bwd_kernel(
                 db_acc += ddl
                 tl.store(gu_p + t * sgu_l, _cast(dt * vB + Dv * dy, du_ptr.dtype.element_ty, FAST), mask=mt)
                 tl.store(gd_p + t * sgd_l, _cast(ddl, ddl_ptr.dtype.element_ty, FAST), mask=mt)
-                tl.store(dB_p + t * N, _lane_sum(v * dtu[None, :], lane, LOG_N), mask=mBC & valid)
+                tl.store(dB_p + t * N, _col_sum(v * dtu[None, :], col, SCATTER, LOG_C), mask=mBC & valid)
                 M = _exp2(dt[None, :] * A2, FAST) * v
     # per-program partial sums over this chunk's steps: (batch * nchunks, K, N, E) and (batch * nchunks, K, E)
     row = (b64 * nchunks + c) * K + d
@@ -582,7 +583,7 @@ def _scan_bwd(dout, u, delta, A, B, C, D, z, delta_bias, orders, ymean, hin, chu
             *u.stride(), *delta.stride(), *B.stride(), *C.stride(), *dy.stride(), *so,
             *du.stride(), *ddelta.stride(),
             0,
-            BLOCK_N=BLOCK_N, LOG_N=BLOCK_N.bit_length() - 1, CK=CK, SEG=SEG, HAS_CARRY=nchunks > 1,
+            BLOCK_N=BLOCK_N, SCATTER=st._scatter_levels(BLOCK_N, BLOCK_E, 1), CK=CK, SEG=SEG, HAS_CARRY=nchunks > 1,
             EVEN_N=BLOCK_N == N, FAST=u.is_cuda, num_warps=1, **st._launch_opts(u, st._BWD_MAXNREG),
         )
     dB = dB_part.sum(0).transpose(-1, -2)

@@ -408,42 +408,41 @@ def _bwd_chunk_state_kernel(
 # backward, main pass (one direction per program, one warp, channels across the 32 lanes, all N in each lane)
 # ----------------------------------------------------------------------------------------------------------------------
 @triton.jit
-def _xor_lanes(x, lane, MASK: tl.constexpr):
-    """x[..., l] <- x[..., l ^ MASK] along the lane axis (compiles to one warp shuffle per register)."""
-    return tl.gather(x, tl.broadcast_to((lane ^ MASK)[None, :], x.shape), 1)
+def _xor_cols(x, col, MASK: tl.constexpr):
+    """x[:, c] <- x[:, c ^ MASK] (a gather along the columns: one warp shuffle per register when columns are lanes)."""
+    return tl.gather(x, tl.broadcast_to((col ^ MASK)[None, :], x.shape), 1)
 
 
 @triton.jit
-def _lane_sum(x, lane, LOG_N: tl.constexpr):
-    """Butterfly reduce-scatter of one [2**LOG_N, 32] tile over the 32 lanes (LOG_N <= 5): lane l ends with the sum
-    of row `_lane_sum_index(l)`."""
+def _col_sum(x, col, SCATTER: tl.constexpr, LOG_C: tl.constexpr):
+    """Sums of an [R, 2**LOG_C] tile over its columns as a butterfly reduce-scatter: each of the first SCATTER levels
+    halves the rows a column holds (a column keeps one half and adds its partner column's copy of that half), the
+    other levels are plain pairwise sums. Returns an [R >> SCATTER, 2**LOG_C] tile; `_col_sum_rows` tells which row
+    of x each element sums. The splits are free only over row bits held in registers (`_scatter_levels`)."""
     r = x
-    for i in tl.static_range(LOG_N):
-        lo, hi = tl.split(tl.permute(tl.reshape(r, [2, r.shape[0] // 2, 32]), (1, 2, 0)))
-        upi = (lane & (16 >> i)) != 0
-        r = tl.where(upi[None, :], hi, lo) + _xor_lanes(tl.where(upi[None, :], lo, hi), lane, 16 >> i)
-    y = tl.reshape(r, [32])
-    for i in tl.static_range(LOG_N, 5):
-        y = y + tl.reshape(_xor_lanes(y[None, :], lane, 16 >> i), [32])
-    return y
+    for i in tl.static_range(SCATTER):
+        lo, hi = tl.split(tl.permute(tl.reshape(r, [2, r.shape[0] // 2, r.shape[1]]), (1, 2, 0)))
+        upi = (col & ((1 << (LOG_C - 1)) >> i)) != 0
+        r = tl.where(upi[None, :], hi, lo) + _xor_cols(tl.where(upi[None, :], lo, hi), col, (1 << (LOG_C - 1)) >> i)
+    for i in tl.static_range(SCATTER, LOG_C):
+        r = r + _xor_cols(r, col, (1 << (LOG_C - 1)) >> i)
+    return r
 
 
 @triton.jit
-def _lane_sum_index(lane, LOG_N: tl.constexpr):
-    nidx = lane * 0
-    for i in tl.static_range(LOG_N):
-        nidx += tl.where((lane & (16 >> i)) != 0, 1 << (LOG_N - 1 - i), 0)
-    return nidx
+def _col_sum_rows(n, col, SCATTER: tl.constexpr, LOG_C: tl.constexpr):
+    """Row numbers of `_col_sum`'s result (the butterfly applied to the row numbers, column 0 only)."""
+    return _col_sum(tl.where(col[None, :] == 0, n[:, None], 0).to(tl.float32), col, SCATTER, LOG_C).to(tl.int32)
 
 
 @triton.jit
 def _sweep(h, A2, bias, p_start, p_end, T, tbase, tstep, u_p, d_p, B_p, su_l, sd_l, sB_l, me, mn, ck, ck_off,
-           z_p, g_p, sz_l, sg_l, dC_p, mC, lane, NN,
+           z_p, g_p, sz_l, sg_l, dC_p, mC, col, NN,
            EVERY: tl.constexpr, TILE: tl.constexpr, EVEN_N: tl.constexpr, FAST: tl.constexpr, WITH_DC: tl.constexpr,
-           LOG_N: tl.constexpr):
+           SCATTER: tl.constexpr, LOG_C: tl.constexpr):
     """Forward recurrence over scan positions [p_start, p_end), storing the state before every EVERY-th position
     (counted from p_start) to ck; the loads of position p + 1 are issued before the arithmetic of p.
-    WITH_DC: also dC_t = sum over channels of h_t * dy_t (this block's partial, one row per lane)."""
+    WITH_DC: also dC_t = sum over channels of h_t * dy_t (this block's partial, reduce-scattered over the columns)."""
     t = tbase + p_start * tstep
     u = tl.load(u_p + t * su_l, mask=me, other=0.0).to(tl.float32)
     x = tl.load(d_p + t * sd_l, mask=me, other=0.0).to(tl.float32)
@@ -462,8 +461,7 @@ def _sweep(h, A2, bias, p_start, p_end, T, tbase, tstep, u_p, d_p, B_p, su_l, sd
             zz = tl.load(z_p + t * sz_l, mask=me, other=0.0).to(tl.float32)
             g = tl.load(g_p + t * sg_l, mask=me, other=0.0).to(tl.float32)
             dy = g * zz * _sigmoid(zz) * 0.5
-            tl.store(dC_p + t * NN, _lane_sum(h * dy[None, :], lane, LOG_N),
-                     mask=mC)
+            tl.store(dC_p + t * NN, _col_sum(h * dy[None, :], col, SCATTER, LOG_C), mask=mC)
         u, x, Bt = un, xn, Bn
     return h
 
@@ -489,10 +487,9 @@ def _scan_bwd_kernel(
     sgz_b, sgz_e, sgz_l,
     zero,
     # meta-parameters
-    BLOCK_N: tl.constexpr, LOG_N: tl.constexpr, CK: tl.constexpr, SEG: tl.constexpr, HAS_CARRY: tl.constexpr,
-    EVEN_N: tl.constexpr, FAST: tl.constexpr,
+    BLOCK_E: tl.constexpr, LOG_C: tl.constexpr, BLOCK_N: tl.constexpr, SCATTER: tl.constexpr, CK: tl.constexpr,
+    SEG: tl.constexpr, HAS_CARRY: tl.constexpr, EVEN_N: tl.constexpr, FAST: tl.constexpr,
 ):
-    BLOCK_E: tl.constexpr = 32
     NSUB: tl.constexpr = (CK + SEG - 1) // SEG
     TILE: tl.constexpr = BLOCK_E * BLOCK_N
     pid_e = tl.program_id(0)
@@ -501,8 +498,8 @@ def _scan_bwd_kernel(
     n_eb = tl.num_programs(0)
     d = pid2 // nchunks
     c = pid2 % nchunks
-    lane = tl.arange(0, BLOCK_E)
-    e = pid_e * BLOCK_E + lane
+    col = tl.arange(0, BLOCK_E)
+    e = pid_e * BLOCK_E + col
     n = tl.arange(0, BLOCK_N)
     me = e < E
     mn = n < N
@@ -518,15 +515,13 @@ def _scan_bwd_kernel(
     # in _scan_fwd_kernel, so every tile keeps the channels-over-lanes layout (the reduce-scatter relies on it).
     ne_off = zero + n[:, None] * E + e[None, :]
     A2 = tl.load(A_ptr + d64 * E * N + ne_off, mask=m2, other=0.0) * LOG2E
-    ck_off = zero + n[:, None] * BLOCK_E + lane[None, :]
+    ck_off = zero + n[:, None] * BLOCK_E + col[None, :]
     Dv = tl.load(D_ptr + d * E + e, mask=me, other=0.0)
     bias = tl.load(bias_ptr + d * E + e, mask=me, other=0.0)
     cbase = ((d64 * batch + b) * nchunks + c) * N * E
     if HAS_CARRY:
-        h = tl.load(hin_ptr + cbase + ne_off, mask=m2, other=0.0)
         M = tl.load(min_ptr + cbase + ne_off, mask=m2, other=0.0)
     else:
-        h = tl.zeros([BLOCK_N, BLOCK_E], tl.float32)
         M = tl.zeros([BLOCK_N, BLOCK_E], tl.float32)
 
     u_p = u_ptr + d64 * su_d + b64 * su_b + e * su_e
@@ -545,18 +540,22 @@ def _scan_bwd_kernel(
     ck = ck_ptr + prog * nblk * TILE
     ck2 = ck2_ptr + prog * NSUB * TILE
 
-    # dB / dC partial sums of this channel block go to (n_eb, 2, batch, L, N); after a reduce-scatter over the lanes,
-    # lane l holds row `_lane_sum_index(l)` (rows >= N are padding)
-    nidx = _lane_sum_index(lane, LOG_N)
-    part_off = ((pid_e.to(tl.int64) * 2 + d) * batch + b) * L * N + nidx
+    # dB / dC partial sums of this channel block go to (n_eb, 2, batch, L, N): a reduce-scatter over the columns
+    # leaves each row's sum in 2**(LOG_C - SCATTER) columns, of which the first stores it (rows >= N are padding)
+    nres = _col_sum_rows(n, col, SCATTER, LOG_C)
+    part_off = ((pid_e.to(tl.int64) * 2 + d) * batch + b) * L * N + nres
     dB_p = dB_ptr + part_off
     dC_p = dC_ptr + part_off
-    mBC = nidx < N
+    mBC = (nres < N) & ((col & ((1 << (LOG_C - SCATTER)) - 1)) == 0)[None, :]
 
     # phase 1: forward recurrence from the chunk's start state, a checkpoint before every CK tokens (next token's
     # loads issued before this token's arithmetic, as in the forward kernel)
-    h = _sweep(h, A2, bias, 0, T, T, tbase, tstep, u_p, d_p, B_p, su_l, sd_l, sB_l, me, mn, ck, ck_off,
-               z_p, g_p, sz_l, sg_l, dC_p, mBC, lane, N, CK, TILE, EVEN_N, FAST, False, LOG_N)
+    if HAS_CARRY:
+        h = tl.load(hin_ptr + cbase + ne_off, mask=m2, other=0.0)
+    else:
+        h = tl.zeros([BLOCK_N, BLOCK_E], tl.float32)
+    _sweep(h, A2, bias, 0, T, T, tbase, tstep, u_p, d_p, B_p, su_l, sd_l, sB_l, me, mn, ck, ck_off,
+           z_p, g_p, sz_l, sg_l, dC_p, mBC, col, N, CK, TILE, EVEN_N, FAST, False, SCATTER, LOG_C)
 
     # phase 2: CK blocks from the last; each is re-swept into level-2 checkpoints (producing dC on the way), then its
     # SEG-token sub-blocks are recomputed into registers (the stash) and walked backwards (producing the rest)
@@ -569,7 +568,8 @@ def _scan_bwd_kernel(
         pb = jb * CK
         h = tl.load(ck + jb * TILE + ck_off)
         h = _sweep(h, A2, bias, pb, tl.minimum(pb + CK, T), T, tbase, tstep, u_p, d_p, B_p, su_l, sd_l, sB_l, me, mn,
-                   ck2, ck_off, z_p, g_p, sz_l, sg_l, dC_p, mBC, lane, N, SEG, TILE, EVEN_N, FAST, True, LOG_N)
+                   ck2, ck_off, z_p, g_p, sz_l, sg_l, dC_p, mBC, col, N, SEG, TILE, EVEN_N, FAST, True, SCATTER,
+                   LOG_C)
         nsub = tl.cdiv(tl.minimum(CK, T - pb), SEG)
         for jsr in range(0, nsub):
             js = nsub - 1 - jsr
@@ -621,7 +621,7 @@ def _scan_bwd_kernel(
                     ys = tl.load(y_p + t * sy_l, mask=mt, other=0.0).to(tl.float32)
                     dz = g * ys * 0.5 * sz * (1.0 + zz * (1.0 - sz))
                     tl.store(gz_p + t * sgz_l, _cast(dz, dz_ptr.dtype.element_ty, FAST), mask=mt)
-                tl.store(dB_p + t * N, _lane_sum(v * dtu[None, :], lane, LOG_N), mask=mBC & valid)
+                tl.store(dB_p + t * N, _col_sum(v * dtu[None, :], col, SCATTER, LOG_C), mask=mBC & valid)
                 M = _exp2(dt[None, :] * A2, FAST) * v
     # per-program partial sums over this chunk's tokens: (batch * nchunks, 2, N, E) and (batch * nchunks, 2, E)
     row = (b64 * nchunks + c) * 2 + d
@@ -640,8 +640,18 @@ _MIN_CHUNK = 256         # shorter sequences are never cut: a cut costs an extra
 _FWD_MAXNREG = 168       # register cap of the forward kernel: 12 one-warp programs per SM (all of Vim-T 224 at once)
 _BWD_MAXNREG = None      # register cap of the backward kernel (None: the compiler's choice)
 _BWD_WARPS = 1           # backward: warps per program (> 1 splits the N states over warps: fewer registers a thread)
+_BWD_BLOCK_E = 32        # backward: channels per program (16, 8: a channel's N states split over 2, 4 lanes)
 _CK = 16                 # backward: tokens per level-1 checkpoint
 _SEG = 2                 # backward: tokens per level-2 checkpoint (the register stash holds SEG states)
+
+
+def _scatter_levels(block_n, block_e, warps):
+    """Reduce-scatter levels of `_col_sum` over a [block_n, block_e] tile whose columns are lanes: the row bits left
+    in registers once the lanes the columns leave over (and the warps) hold rows (a level over those would move data
+    between layouts)."""
+    log_n, log_c = block_n.bit_length() - 1, block_e.bit_length() - 1
+    row_bits_outside = max(5 - log_c, 0) + (warps.bit_length() - 1)
+    return min(max(log_n - row_bits_outside, 0), log_c)
 
 
 def _launch_opts(t, maxnreg):
@@ -757,7 +767,7 @@ def _scan_bwd(dout, u, delta, A, B, C, D, z, delta_bias, ysum, hin, chunk, seg=N
     nchunks = triton.cdiv(L, chunk)
     SEG = seg or _SEG
     CK = _CK
-    BLOCK_E = 32
+    BLOCK_E = _BWD_BLOCK_E
     BLOCK_N = triton.next_power_of_2(N)
     n_eb = triton.cdiv(E, BLOCK_E)
     nblk = triton.cdiv(chunk, CK)
@@ -796,7 +806,8 @@ def _scan_bwd(dout, u, delta, A, B, C, D, z, delta_bias, ysum, hin, chunk, seg=N
             *u.stride(), *delta.stride(), *B.stride(), *C.stride(), *z.stride(), *dout.stride(), *ysum.stride(),
             *du.stride(), *ddelta.stride(), *dz.stride(),
             0,
-            BLOCK_N=BLOCK_N, LOG_N=BLOCK_N.bit_length() - 1, CK=CK, SEG=SEG, HAS_CARRY=nchunks > 1,
+            BLOCK_E=BLOCK_E, LOG_C=BLOCK_E.bit_length() - 1, BLOCK_N=BLOCK_N,
+            SCATTER=_scatter_levels(BLOCK_N, BLOCK_E, _BWD_WARPS), CK=CK, SEG=SEG, HAS_CARRY=nchunks > 1,
             EVEN_N=BLOCK_N == N, FAST=u.is_cuda, num_warps=_BWD_WARPS, **_launch_opts(u, _BWD_MAXNREG),
         )
     dB = dB_part.sum(0).transpose(-1, -2)

@@ -103,6 +103,15 @@ def test_fp32_matches_float64_reference(batch, E, L, N, chunk, seg):
         assert_close(f"d{name}", g, rg, *GRAD_TOL[name])
 
 
+@pytest.mark.parametrize("block_e", [8, 16])
+@pytest.mark.parametrize("batch,E,L,N,chunk,seg", [(1, 40, 21, 16, 16, 2), (1, 12, 19, 4, 8, 3), (1, 33, 18, 32, 16, None)])
+def test_backward_channel_block_widths(monkeypatch, block_e, batch, E, L, N, chunk, seg):
+    """The backward with 8 or 16 channels a program (the default is 32): a channel's N states split over 4 or 2 lanes,
+    so other reduce-scatter levels for dB / dC."""
+    monkeypatch.setattr(st, "_BWD_BLOCK_E", block_e)
+    test_fp32_matches_float64_reference(batch, E, L, N, chunk, seg)
+
+
 @triton.jit
 def _copy_kernel(x_ptr, out_ptr, n, read, BLOCK: tl.constexpr):
     """out[:n] = x[:n], loading the first `read` elements of x (read > n loads past x's end)."""
