@@ -21,9 +21,10 @@ What is fused
   with the adjoint v_t = C_t dy_t + exp(dt_{t+1} A) v_{t+1}. Chunk-boundary adjoints come from
   `_bwd_chunk_state_kernel` + the combine kernel. The forward saves only y_fwd + y_bwd and, for chunked sequences,
   the chunk start states (N x E per chunk).
-- dB and dC are sums over channels, i.e. across the 32 lanes, per token: a butterfly reduce-scatter (`_lane_sum`,
+- dB and dC are sums over channels, i.e. across the 32 lanes, per token: a butterfly reduce-scatter (`_col_sum`,
   tl.split + a lane-xor tl.gather that compiles to one warp shuffle per register) costs N shuffles per tile instead
-  of 5 per value for a reduction tree.
+  of 5 per value for a reduction tree. `_BWD_BLOCK_E` 16 or 8 puts a channel's N states on 2 or 4 lanes instead
+  (fewer registers; slower on Triton 3.6, BENCHMARKS.md).
 - Determinism: no atomics. Sums over channels (dB, dC) are written per channel block and summed with torch; sums over
   batch and tokens (dA, dD, d delta_bias) are written per program and summed with torch.
 
