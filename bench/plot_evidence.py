@@ -28,15 +28,17 @@ ARMS = {
     "CLIP 4 ep. -> fine-tune 6": [("clip4_s0_ft6", "clip4_s0_call7")],
     "DeiT-T supervised, 12 epochs": [("deit12_s0", None), ("deit12_s1", None)],
 }
-# the same, every run with train.cuda_graph under ZeRO-0 (calls 8 and 9), and two MAE variants (call 10)
+# the same, every run with train.cuda_graph under ZeRO-0 (calls 8 and 9), and two MAE variants (calls 10 and 11)
 GRAPHED = {
     "supervised, 12 epochs": [("sup12_s0_graph", None), ("sup12_s1_graph", None)],
     "MAE 10 ep. -> fine-tune 6": [("mae10_s0_ft6_graph", "mae10_s0_graph"), ("mae10_s1_ft6_graph", "mae10_s1_graph")],
     "supervised, 20 epochs": [("sup20_s0_graph", None)],
     "MAE 16 ep. -> fine-tune 12": [("mae16_s0_ft12_graph", "mae16_s0_graph")],
-    "MAE 10 ep., 2x2 block masking -> fine-tune 6": [("mae10_s0_mask_block-2_ft6_graph", "mae10_s0_mask_block-2_graph")],
-    "MAE 10 ep., Vim decoder + mask 0.5 -> fine-tune 6": [("mae10_s0_decoder-vim_mask_ratio-0.5_ft6_graph",
-                                                          "mae10_s0_decoder-vim_mask_ratio-0.5_graph")],
+    "MAE 10 ep., 2x2 block masking -> fine-tune 6": [
+        (f"mae10_s{seed}_mask_block-2_ft6_graph", f"mae10_s{seed}_mask_block-2_graph") for seed in (0, 1)],
+    "MAE 10 ep., Vim decoder + mask 0.5 -> fine-tune 6": [
+        (f"mae10_s{seed}_decoder-vim_mask_ratio-0.5_ft6_graph", f"mae10_s{seed}_decoder-vim_mask_ratio-0.5_graph")
+        for seed in (0, 1)],
 }
 # variant label -> fine-tuning runs (MAE 10 epochs with one change -> fine-tune 6), curves only
 MAE_VARIANTS = {
