@@ -647,9 +647,9 @@ _SEG = 2                 # backward: tokens per level-2 checkpoint (the register
 
 
 def _scatter_levels(block_n, block_e, warps):
-    """Reduce-scatter levels of `_col_sum` over a [block_n, block_e] tile whose columns are lanes: the row bits left
-    in registers once the lanes the columns leave over (and the warps) hold rows (a level over those would move data
-    between layouts)."""
+    """Reduce-scatter levels of `_col_sum` on a [block_n, block_e] tile whose columns are lanes: one per row bit held
+    in registers. The lanes beyond block_e (32 / block_e of them per column) and the warps hold row bits too, and a
+    level over one of those would move data between layouts."""
     log_n, log_c = block_n.bit_length() - 1, block_e.bit_length() - 1
     row_bits_outside = max(5 - log_c, 0) + (warps.bit_length() - 1)
     return min(max(log_n - row_bits_outside, 0), log_c)
