@@ -311,7 +311,14 @@ def _scan_fwd_kernel(
         tl.store(pr + tb * so_l, y1, mask=me)
         ua, xa, Ba, Ca = una, xna, Bna, Cna
         ub, xb, Bb, Cb = unb, xnb, Bnb, Cnb
-    # second half: meet the parked value, gate, average, write (the middle token of an odd chunk meets in registers)
+    # second half: meet the parked value, gate, average, write (the middle token of an odd chunk meets in registers).
+    # Its first token's inputs are loaded again rather than carried over from the first loop: carried, Triton 3.6
+    # gives B and C a second layout, loads them twice in the first loop and converts them through shared memory at
+    # every token of the second.
+    ua, xa, Ba, Ca = _fwd_load(u0 + (t0 + half) * su_l, d0 + (t0 + half) * sd_l, B0 + (t0 + half) * sB_l,
+                               C0 + (t0 + half) * sC_l, me, mn, EVEN_N)
+    ub, xb, Bb, Cb = _fwd_load(u1 + (last - half) * su_l, d1 + (last - half) * sd_l, B1 + (last - half) * sB_l,
+                               C1 + (last - half) * sC_l, me, mn, EVEN_N)
     for s in range(half, T):
         tf = t0 + s
         tb = last - s
