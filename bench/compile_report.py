@@ -48,7 +48,8 @@ class CompileInsteadOfLaunch:
         report = self
 
         def compile_only(kernel, *args, grid, warmup, **kwargs):
-            kwargs["FAST"] = True  # the GPU code path (hardware exp2 / lg2, conversions that round)
+            if "FAST" in kernel.arg_names:
+                kwargs["FAST"] = True  # the GPU code path (hardware exp2 / lg2, conversions that round)
             binder = create_function_from_signature(kernel.signature, kernel.params, report.backend)
             bound_args, specialization, options = binder(*args, **kwargs)
             options, signature, constexprs, attrs = kernel._pack_args(report.backend, kwargs, bound_args,
@@ -113,8 +114,8 @@ def main():
         for k, v in zip(KNOBS, (ck, seg, nreg or None, warps, block_e)):
             setattr(scan_triton, k, v)
         with CompileInsteadOfLaunch() as report:
-            scan_triton._scan_fwd(*xs, save=True)
-            scan_triton._scan_bwd(dout, *xs, ysum, None, L)
+            _, _, hin, chunk = scan_triton._scan_fwd(*xs, save=True)  # long sequences: cut into chunks
+            scan_triton._scan_bwd(dout, *xs, ysum, hin, chunk)
         print(f"\nsetting CK {ck}, SEG {seg}, maxnreg {nreg or 'none'}, warps {warps}, channels {block_e}")
         for name, compiled in report.compiled:
             usage, count, mnemonics, loops = sass_report(compiled)
