@@ -41,8 +41,8 @@ def build_mae(cfg, dist):
     mc = cfg.mae
     module = MaskedAutoencoder(
         encoder, model_config(cfg, num_classes=0), mask_ratio=mc.mask_ratio, mask_mode=mc.mask_mode,
-        mask_block=mc.mask_block, decoder=mc.decoder, decoder_embed_dim=mc.decoder_embed_dim, decoder_depth=mc.decoder_depth,
-        decoder_num_heads=mc.decoder_num_heads, norm_pix_loss=mc.norm_pix_loss,
+        mask_block=mc.mask_block, decoder=mc.decoder, decoder_embed_dim=mc.decoder_embed_dim,
+        decoder_depth=mc.decoder_depth, decoder_num_heads=mc.decoder_num_heads, norm_pix_loss=mc.norm_pix_loss,
         vis_images=first_images(eval_data, mc.num_vis) if eval_data is not None and mc.num_vis > 0 else None,
     )
     # MAE reports no eval metric: the eval split only feeds the reconstruction grid

@@ -29,11 +29,11 @@ from triton.compiler import ASTSource, make_backend  # noqa: E402
 from triton.compiler import compile as triton_compile  # noqa: E402
 from triton.runtime.jit import JITFunction, create_function_from_signature  # noqa: E402
 
+from bench.sweep_scan_bwd import scan_setting  # noqa: E402
 from kernels import scan_triton  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)
 CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
-KNOBS = ("_CK", "_SEG", "_BWD_MAXNREG", "_BWD_WARPS", "_BWD_BLOCK_E")
 
 
 class CompileInsteadOfLaunch:
@@ -107,13 +107,8 @@ def main():
     batch, E, L = (int(v) for v in a.shape.split(","))
     xs, dout, ysum = make_call_inputs(batch, E, L)
     print(f"triton {triton.__version__}, sm_90, call shape (batch, E, L) = ({batch}, {E}, {L}), bf16 token-major")
-    shipped = tuple(getattr(scan_triton, k) for k in KNOBS)
     for setting in a.settings:
-        values = [int(v) for v in setting.split(",")]
-        ck, seg, nreg, warps, block_e = values + [0, 0, 0, 1, 32][len(values):]
-        for k, v in zip(KNOBS, (ck, seg, nreg or None, warps, block_e)):
-            setattr(scan_triton, k, v)
-        with CompileInsteadOfLaunch() as report:
+        with scan_setting(setting) as (ck, seg, nreg, warps, block_e), CompileInsteadOfLaunch() as report:
             _, _, hin, chunk = scan_triton._scan_fwd(*xs, save=True)  # long sequences: cut into chunks
             scan_triton._scan_bwd(dout, *xs, ysum, hin, chunk)
         print(f"\nsetting CK {ck}, SEG {seg}, maxnreg {nreg or 'none'}, warps {warps}, channels {block_e}")
@@ -123,8 +118,6 @@ def main():
                   + ", ".join(f"{m} {n}" for m, n in mnemonics.most_common(8)))
             for start, end, n in loops:
                 print(f"    loop {start:#06x}-{end:#06x}: {n} instructions")
-    for k, v in zip(KNOBS, shipped):
-        setattr(scan_triton, k, v)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-ROW = re.compile(r"^\| (infer|train) \| (\d+) \| (\d+) \| (\w+) \| ([\d,]+) \(([\d,]+) MiB\) \| ([\d,]+) \(([\d,]+) MiB\)")
+CELL = r"([\d,]+) \(([\d,]+) MiB\)"   # images/s (peak MiB)
+ROW = re.compile(rf"^\| (infer|train) \| (\d+) \| (\d+) \| (\w+) \| {CELL} \| {CELL}")
 
 
 def read_table(path):

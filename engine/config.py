@@ -87,7 +87,7 @@ class TrainConfig:
     clip_grad: float = 1.0          # max gradient norm (0 = off)
     max_bad_steps: int = 5          # non-finite losses in a row before the run stops
     grad_checkpointing: bool = False
-    cuda_graph: bool = False        # one GPU, ZeRO-0: replay the network's forward + backward from a CUDA graph (engine/cuda_graph.py)
+    cuda_graph: bool = False        # ZeRO-0: network fwd + bwd replayed from a CUDA graph (engine/cuda_graph.py)
 
 
 @dataclass

@@ -9,9 +9,9 @@ tower and gathered loss, DeepSpeed's update, logging) stays eager.
 
 What a graph freezes, and so what is refused or falls back:
 - the input's shape: a call with another shape (or in evaluation, or without gradients) runs eagerly;
-- host-side decisions inside the network: a module containing one whose `graph_safe` is False (Vim with bidir_mode=sequence, a host
-  coin flip per batch) is refused; random numbers drawn on the GPU (drop path, MAE's masks) are fresh at every
-  replay;
+- host-side decisions inside the network: a module containing one whose `graph_safe` is False (Vim with
+  bidir_mode=sequence, a host coin flip per batch) is refused; random numbers drawn on the GPU (drop path, MAE's
+  masks) are fresh at every replay;
 - gradient buffers: the replayed backward writes into the same buffers each step, so gradient accumulation over
   micro-steps (train.grad_accum > 1) is refused;
 - DeepSpeed's gradient hooks: ZeRO-1/2's optimizer hooks run inside the backward being captured, which invalidates

@@ -96,7 +96,8 @@ class MaskedAutoencoder(nn.Module):
         assert mask_mode in ("drop", "keep"), f"mask_mode must be drop or keep, got {mask_mode!r}"
         assert decoder in ("transformer", "vim"), f"decoder must be transformer or vim, got {decoder!r}"
         grid = encoder.patch_embed.grid_size
-        assert 1 <= mask_block <= min(grid), f"mask_block must be in [1, {min(grid)}] for a {grid} grid, got {mask_block}"
+        assert 1 <= mask_block <= min(grid), \
+            f"mask_block must be in [1, {min(grid)}] for a {grid} grid, got {mask_block}"
         self.encoder = encoder
         self.model_config = model_config
         self.mask_ratio = mask_ratio

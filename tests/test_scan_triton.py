@@ -104,7 +104,8 @@ def test_fp32_matches_float64_reference(batch, E, L, N, chunk, seg):
 
 
 @pytest.mark.parametrize("block_e", [8, 16])
-@pytest.mark.parametrize("batch,E,L,N,chunk,seg", [(1, 40, 21, 16, 16, 2), (1, 12, 19, 4, 8, 3), (1, 33, 18, 32, 16, None)])
+@pytest.mark.parametrize("batch,E,L,N,chunk,seg",
+                         [(1, 40, 21, 16, 16, 2), (1, 12, 19, 4, 8, 3), (1, 33, 18, 32, 16, None)])
 def test_backward_channel_block_widths(monkeypatch, block_e, batch, E, L, N, chunk, seg):
     """The backward with 8 or 16 channels a program (the default is 32): a channel's N states split over 4 or 2 lanes,
     so other reduce-scatter levels for dB / dC."""
