@@ -3,7 +3,8 @@
     python -m bench.compare_runs RUN_DIR... [--windows 20] [--plot curves.png]
 
 Prints a markdown row per run: the mean training loss over consecutive windows of steps, the final evaluation
-metrics of results.json, and the median images/s; --plot draws every run's loss against step in one figure per
+metrics of results.json, and images/s: the median window's, and over the whole run after its first window (the
+steps' total time, so the slow windows, e.g. those with an epoch start, count); --plot draws every run's loss against step in one figure per
 run-name prefix (the part before the first "_").
 """
 import argparse
@@ -27,8 +28,12 @@ def summary(run_dir, window):
     results_path = Path(run_dir) / "results.json"
     results = json.loads(results_path.read_text()) if results_path.is_file() else {}
     evals = ", ".join(f"{k} {results[k]:.2f}" for k in EVAL_KEYS if k in results)
-    speed = [r["images_per_s"] for r in records if "images_per_s" in r]
-    return records, means, evals, statistics.median(speed) if speed else 0.0
+    timed = [r for r in records if "images_per_s" in r]
+    speed = [r["images_per_s"] for r in timed]
+    # images / seconds = sum of the windows' steps / sum of steps / rate (the batch size cancels)
+    windows = [(b["step"] - a["step"], b["images_per_s"]) for a, b in zip(timed, timed[1:])]
+    overall = sum(n for n, _ in windows) / sum(n / rate for n, rate in windows) if windows else 0.0
+    return records, means, evals, (statistics.median(speed) if speed else 0.0), overall
 
 
 def main(argv=None):
@@ -38,12 +43,13 @@ def main(argv=None):
     parser.add_argument("--plot", default=None)
     args = parser.parse_args(argv)
     curves = defaultdict(list)
-    print(f"| run | mean loss per {args.windows} steps | final eval | images/s |\n|---|---|---|---|")
+    print(f"| run | mean loss per {args.windows} steps | final eval | images/s, median window | images/s, run |\n"
+          "|---|---|---|---|---|")
     for run in args.runs:
-        records, means, evals, speed = summary(run, args.windows)
+        records, means, evals, speed, overall = summary(run, args.windows)
         name = Path(run).name
         curves[name.split("_")[0]].append((name, records))
-        print(f"| {name} | {' / '.join(means)} | {evals or '-'} | {speed:,.0f} |")
+        print(f"| {name} | {' / '.join(means)} | {evals or '-'} | {speed:,.0f} | {overall:,.0f} |")
     if args.plot:
         import matplotlib
         matplotlib.use("Agg")

@@ -37,12 +37,17 @@ class EpochLoader:
     load_state_dict() for epoch e, where it keeps the restored position; a restored position at the end of
     the epoch yields nothing, so a run checkpointed on an epoch's last batch goes on with the next epoch. An
     iteration left early (break) continues at the next iter(); a finished one iterated again starts over.
+
+    In training one DataLoader iterator is kept while the positions asked for follow each other (the next
+    epoch after a finished one, the rest of an epoch left early): the workers' stream runs on across epochs
+    and their prefetched batches are used. Any other position restarts the workers' streams there.
     """
 
     def __init__(self, stream: ShardStream, *, num_workers: int, pin_memory: bool, steps: int):
         self.stream, self.steps = stream, steps
         self.epoch, self.batches_done, self._skipped = 0, 0, 0
         self._restored = False  # the position came from load_state_dict and was not iterated yet
+        self._batches, self._next = None, None  # the kept DataLoader iterator and the (epoch, batch) it yields next
         # its own generator: creating an iterator must not draw from the global RNG, whose state a
         # resumed run restores (a draw there would shift every later random mask)
         self._loader = DataLoader(
@@ -58,13 +63,25 @@ class EpochLoader:
         if not training or (self.batches_done >= self.steps and not self._restored):
             self.batches_done = 0  # a finished epoch iterated again starts over
         self._restored = False
-        self.stream.progress.copy_(torch.tensor([self.epoch, self.batches_done]))
-        for batch in self._loader:
+        if not training:
+            self.stream.progress.copy_(torch.tensor([self.epoch, 0]))
+            for batch in self._loader:
+                batch.pop("_worker")
+                self._skipped += batch.pop("_skipped")
+                yield batch
+            return
+        if self._batches is None or self._next != (self.epoch, self.batches_done):
+            self.stream.progress.copy_(torch.tensor([self.epoch, self.batches_done]))
+            self._batches = iter(self._loader)
+        while self.batches_done < self.steps:
+            batch = next(self._batches)
             worker = batch.pop("_worker")
             self._skipped += batch.pop("_skipped")
-            if training and worker != self.batches_done % self.stream.num_workers:
+            if worker != self.batches_done % self.stream.num_workers:
                 raise RuntimeError(f"batch from worker {worker} out of round-robin order at {self.batches_done}")
             self.batches_done += 1  # before yielding: a state_dict() taken now must count this batch
+            done = self.batches_done == self.steps
+            self._next = (self.epoch + 1, 0) if done else (self.epoch, self.batches_done)
             yield batch
 
     def set_epoch(self, epoch: int) -> None:

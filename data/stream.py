@@ -121,7 +121,12 @@ class _ErrorCount:
 
 
 class ShardStream(IterableDataset):
-    """Batches of one rank for one epoch; the epoch and first batch are read from `progress` at each iter().
+    """Batches of one rank from a position on; the epoch and first batch are read from `progress` at each iter().
+
+    In training the stream does not stop at the end of the epoch: each worker goes on with its share of the
+    next epochs, so the DataLoader prefetches across epoch boundaries instead of restarting its workers'
+    pipelines (which cost a batch's worth of decoding per worker at every epoch start). EpochLoader cuts it
+    into epochs. Evaluation reads one pass and stops.
 
     Args:
         urls: expanded shard URLs.
@@ -155,10 +160,10 @@ class ShardStream(IterableDataset):
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
         epoch, begin = (int(v) for v in self.progress)
-        logical = ((info.id if info else 0) + begin) % self.num_workers
+        worker = info.id if info else 0
         if self.is_training:
-            return self._train_batches(epoch, logical, begin)
-        return self._eval_batches(logical)
+            return self._train_epochs(epoch, worker, begin)
+        return self._eval_batches((worker + begin) % self.num_workers)
 
     # ---- raw samples ----------------------------------------------------------------------------------
 
@@ -231,6 +236,18 @@ class ShardStream(IterableDataset):
                 return sample
         raise RuntimeError(f"rank {self.rank}: {limit} consecutive samples failed to decode or transform "
                            "(see the warnings above): the shards or the transform are unusable")
+
+    def _train_epochs(self, epoch: int, worker: int, begin: int) -> Iterator[dict]:
+        """DataLoader worker `worker`'s batches from batch `begin` of `epoch` on, through the following epochs.
+
+        The DataLoader takes batches round-robin, so this worker makes every W-th batch counted from the
+        start position. Within an epoch batch j is made by logical worker j % W (what a resume position
+        assumes), so at the k-th epoch after the start this worker plays logical worker
+        (worker + begin - k * steps) % W.
+        """
+        for k in itertools.count():
+            logical = (worker + begin - k * self.steps) % self.num_workers
+            yield from self._train_batches(epoch + k, logical, begin if k == 0 else 0)
 
     def _train_batches(self, epoch: int, logical: int, begin: int) -> Iterator[dict]:
         errors, bs = _ErrorCount(planned=not self.resampled), self.batch_size

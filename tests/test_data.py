@@ -320,6 +320,37 @@ def test_resume_continues_exactly(default_data, num_workers):
             assert torch.equal(want["image"], have["image"]) and torch.equal(want["label"], have["label"])
 
 
+@pytest.mark.parametrize("num_workers", [0, 3])
+def test_stream_runs_on_across_epochs(default_data, num_workers, monkeypatch):
+    """One worker stream serves consecutive epochs (prefetch across the boundary, no restart), with the same
+    batches as a fresh loader per epoch; 11 steps an epoch, so 3 workers swap logical roles at each boundary."""
+    urls = default_data["train"].replace("{000000..000009}", "{000000..000001}")
+    make = lambda: build_loader(urls, fields=("key", "image"), batch_size=16, num_workers=num_workers,  # noqa: E731
+                                transform=build_transform(True, 32, scale=(0.2, 1.0)), seed=5, num_samples=176,
+                                shuffle_buffer=50)
+    want = []
+    for epoch in range(3):
+        fresh = make()
+        fresh.set_epoch(epoch)
+        want += list(fresh.loader)
+    starts = []
+    if num_workers == 0:  # the stream runs in this process: count its starts
+        from data.stream import ShardStream
+        original = ShardStream.__iter__
+        monkeypatch.setattr(ShardStream, "__iter__", lambda self: starts.append(1) or original(self))
+    info, got = make(), []
+    for epoch in range(3):
+        info.set_epoch(epoch)
+        got += list(info.loader)
+    assert info.steps_per_epoch == 11 and len(got) == len(want) == 33
+    for a, b in zip(want, got):
+        assert a["key"] == b["key"] and torch.equal(a["image"], b["image"])
+    if num_workers == 0:
+        assert len(starts) == 1
+        info.set_epoch(1)  # not the next position: the stream restarts there
+        assert [b["key"] for b in info.loader] == [b["key"] for b in want[11:22]] and len(starts) == 2
+
+
 @pytest.mark.skipif(not (SHARED / "cifar10" / "classes.json").exists(), reason="shared CIFAR-10 shards absent")
 def test_cifar10_shards():
     root = SHARED / "cifar10"
