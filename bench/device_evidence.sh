@@ -9,7 +9,9 @@
 #   bench/device_evidence.sh probe NAME [seed]            linear probe of runs/evidence/NAME's encoder; NAME=random:
 #                                                         of a randomly initialised Vim-T
 #   bench/device_evidence.sh deit EPOCHS [seed]           supervised DeiT-T on the Vim-T arm's recipe
-# $OVERRIDES go to every run of the arm (e.g. OVERRIDES=train.cuda_graph=true), $TAG is appended to every run's name
+# $OVERRIDES go to every run of the arm (e.g. OVERRIDES=train.cuda_graph=true), $FT_OVERRIDES to the fine-tuning run
+# of mae_ft / clip_ft only (FT_OVERRIDES=optim.layer_decay=0.8: the MAE arms' fine-tuning before the eighth
+# session), $TAG is appended to every run's name
 # (so a re-run with other overrides keeps the earlier runs), $WORKERS sets the loader workers of each run (default 12).
 set -uo pipefail
 export PYTHONUNBUFFERED=1
@@ -36,14 +38,16 @@ mae_ft() {  # MAE_EPOCHS FT_EPOCHS [SEED [MAE OVERRIDES...]]: overrides (e.g. ma
   run $name run_pretrain.py --objective mae --config $EX/cifar10_mae_vim_tiny.yaml \
     train.epochs=$epochs optim.warmup_epochs=1 seed=$seed "$@" &&
   run ${name}_ft$ft run_finetune.py --task classification --config $EX/cifar10_finetune_mae_vim_tiny.yaml \
-    --pretrained $root/$name${TAG:-}/encoder.safetensors train.epochs=$ft train.eval_every=1 seed=$seed
+    --pretrained $root/$name${TAG:-}/encoder.safetensors train.epochs=$ft train.eval_every=1 seed=$seed \
+    ${FT_OVERRIDES:-}
 }
 clip_ft() {
   local name=clip$1_s${3:-0}
   run $name run_pretrain.py --objective clip --config $EX/cifar10_clip_vim_tiny.yaml \
     train.epochs=$1 train.eval_every=$1 optim.warmup_epochs=1 seed=${3:-0} &&
   run ${name}_ft$2 run_finetune.py --task classification --config $EX/cifar10_finetune_clip_vim_tiny.yaml \
-    --pretrained $root/$name${TAG:-}/encoder.safetensors train.epochs=$2 train.eval_every=1 seed=${3:-0}
+    --pretrained $root/$name${TAG:-}/encoder.safetensors train.epochs=$2 train.eval_every=1 seed=${3:-0} \
+    ${FT_OVERRIDES:-}
 }
 probe() {
   local encoder=()

@@ -3,7 +3,8 @@
     python bench/plot_evidence.py [--runs results/evidence_cifar10] [--out results/evidence_cifar10.png]
 
 Left: cifar10-val top-1 after each epoch of the supervised or fine-tuning phase of every arm. Middle: the same for
-the runs with train.cuda_graph (calls 8 and 9: the short and the longer equal-time budget). Right: the final top-1
+the runs with train.cuda_graph (calls 8 to 14: the short and the longer equal-time budget, two MAE variants, and
+the MAE arm fine-tuned without layer-wise lr decay). Right: the final top-1
 of each run against its arm's total GPU minutes (pretraining + fine-tuning, wall time of each run on its own H100,
 from run_times.txt, which holds the "== NAME: exit S, T s" lines bench/device_evidence.sh prints); the graphed
 runs as triangles. The MAE variants are drawn on the left only: they ran under DeepSpeed ZeRO-0 (call 5 two to a
@@ -28,7 +29,8 @@ ARMS = {
     "CLIP 4 ep. -> fine-tune 6": [("clip4_s0_ft6", "clip4_s0_call7")],
     "DeiT-T supervised, 12 epochs": [("deit12_s0", None), ("deit12_s1", None)],
 }
-# the same, every run with train.cuda_graph under ZeRO-0 (calls 8 and 9), and two MAE variants (calls 10 and 11)
+# the same, every run with train.cuda_graph under ZeRO-0 (calls 8 and 9), two MAE variants (calls 10 and 11), and the
+# MAE arm fine-tuned without layer decay (calls 13 and 14)
 GRAPHED = {
     "supervised, 12 epochs": [("sup12_s0_graph", None), ("sup12_s1_graph", None)],
     "MAE 10 ep. -> fine-tune 6": [("mae10_s0_ft6_graph", "mae10_s0_graph"), ("mae10_s1_ft6_graph", "mae10_s1_graph")],
@@ -39,6 +41,8 @@ GRAPHED = {
     "MAE 10 ep., Vim decoder + mask 0.5 -> fine-tune 6": [
         (f"mae10_s{seed}_decoder-vim_mask_ratio-0.5_ft6_graph", f"mae10_s{seed}_decoder-vim_mask_ratio-0.5_graph")
         for seed in (0, 1)],
+    "MAE 10 ep. -> fine-tune 6, no layer decay": [
+        ("mae10_s0_ft6_ld1.0_graph", "mae10_s0_graph_call13"), ("mae10_s1_ft6_ld1.0_graph", "mae10_s1_graph_call14")],
 }
 # variant label -> fine-tuning runs (MAE 10 epochs with one change -> fine-tune 6), curves only
 MAE_VARIANTS = {
@@ -81,7 +85,8 @@ def main():
 
     draw_arms(ARMS, colors, curves, "o", "")
     # graphed arms: the eager arms' colours for the short budget, darker ones for the longer budget and the variants
-    draw_arms(GRAPHED, (colors[0], colors[2], "#08306b", "#00441b", "#7f2704", "#54278f"), graphed, "^", ", graphed")
+    draw_arms(GRAPHED, (colors[0], colors[2], "#08306b", "#00441b", "#7f2704", "#54278f", "#e7298a"), graphed, "^",
+              ", graphed")
     for color, (label, finetunes) in zip(colors[len(ARMS):], MAE_VARIANTS.items()):
         for i, finetune in enumerate(finetunes):
             top1 = top1_per_epoch(runs / finetune)
@@ -96,6 +101,8 @@ def main():
         ax.grid(alpha=0.3)
     curves.legend(fontsize=7, loc="lower right")
     graphed.legend(fontsize=8, loc="lower right")
+    low, high = budget.get_ylim()
+    budget.set_ylim(low, high + 0.8 * (high - low))  # room above the points for the legend
     budget.legend(fontsize=7, loc="upper left")
     fig.tight_layout()
     fig.savefig(args.out, dpi=110)
