@@ -95,7 +95,7 @@ class EpochLoader:
     def _layout(self) -> dict:
         s = self.stream
         return {"batch_size": s.batch_size, "num_workers": s.num_workers, "world_size": s.world_size,
-                "seed": s.seed, "steps_per_epoch": self.steps}
+                "seed": s.seed, "steps_per_epoch": self.steps, "repeated_aug": s.repeats}
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "batches_done": self.batches_done, **self._layout()}
@@ -103,7 +103,9 @@ class EpochLoader:
     def load_state_dict(self, state: dict) -> None:
         self.epoch, self.batches_done = int(state["epoch"]), int(state["batches_done"])
         self._restored = True
-        changed = {k: (state.get(k), v) for k, v in self._layout().items() if state.get(k) != v}
+        # a checkpoint written before a layout key existed used that key's default
+        saved = {"repeated_aug": 1, **state}
+        changed = {k: (saved.get(k), v) for k, v in self._layout().items() if saved.get(k) != v}
         if changed:
             # positions are only meaningful for the same split of the stream; restart the epoch instead
             _logger.warning("data layout changed since the checkpoint %s: epoch %d restarts at its first batch",
@@ -157,6 +159,7 @@ def build_loader(
         resampled: bool = False,
         shuffle_buffer: int = 1000,
         pin_memory: bool = True,
+        repeated_aug: int = 1,
 ) -> DataInfo:
     """Build the loader of one rank over WebDataset shards.
 
@@ -174,12 +177,18 @@ def build_loader(
         resampled: draw shards with replacement, num_samples // world_size samples per rank and epoch.
         shuffle_buffer: samples each worker holds for shuffling (raw bytes, not decoded images).
         pin_memory: pin batches (only when CUDA is available).
+        repeated_aug: training only: each image read is transformed this many times, the copies in the same
+            batch (DeiT's repeated augmentation: 3; where it does not divide batch_size the batch's last images
+            have one copy fewer); an epoch keeps its batches, so it reads about 1 / repeated_aug of the samples
+            (which ones changes with the shard shuffle).
     """
     unknown = set(fields) - FIELDS
     if not fields or unknown:
         raise ValueError(f"fields must be a non-empty subset of {sorted(FIELDS)}, got {fields!r}")
     if not 0 <= rank < world_size or batch_size < 1:
         raise ValueError(f"bad rank={rank}, world_size={world_size} or batch_size={batch_size}")
+    if not 1 <= repeated_aug <= batch_size:
+        raise ValueError(f"repeated_aug={repeated_aug} must be between 1 and batch_size={batch_size}")
     if resampled and not is_training:
         raise ValueError("resampled=True is for training; evaluation reads every sample once")
     url_list = expand_urls(urls)
@@ -197,7 +206,7 @@ def build_loader(
         counts = meta.get("shard_counts") or [count_samples(u) for u in url_list]
     if is_training:
         steps = num_samples // (batch_size * world_size)
-        needed = steps * batch_size * world_size
+        needed = steps * -(-batch_size // repeated_aug) * world_size
         if steps == 0:
             raise ValueError(f"{num_samples} samples make no batch of {batch_size} on each of {world_size} ranks")
     else:
@@ -216,6 +225,6 @@ def build_loader(
         url_list, counts=counts, fields=fields, batch_size=batch_size, transform=transform or ToTensor(),
         text_transform=text_transform, is_training=is_training, resampled=resampled, seed=seed, rank=rank,
         world_size=world_size, num_workers=num_workers, steps=steps, num_samples=num_samples,
-        shuffle_buffer=shuffle_buffer if is_training else 0)
+        shuffle_buffer=shuffle_buffer if is_training else 0, repeats=repeated_aug)
     loader = EpochLoader(stream, num_workers=num_workers, pin_memory=pin_memory, steps=steps)
     return DataInfo(loader=loader, num_samples=num_samples, steps_per_epoch=steps, classes=meta.get("classes"))

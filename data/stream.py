@@ -4,10 +4,11 @@ Runs inside each DataLoader worker (or in the main process with num_workers=0) a
 each tagged with the logical worker that made it and the number of samples it had to skip.
 
 Restoring a position rests on two facts:
-  * In training every batch consumes exactly `batch_size` raw samples of its worker's shuffled stream (a
-    sample that fails to decode is replaced by a good one of the same batch, never by reading more). So
-    after `b` batches of the rank, logical worker w has consumed `batches_of(w, num_workers, b) *
-    batch_size` raw samples: the whole position is (epoch, b), identical on every rank.
+  * In training every batch consumes exactly `raw_per_batch` = ceil(batch_size / repeats) raw samples of its
+    worker's shuffled stream (a sample that fails to decode is replaced by a good one of the same batch,
+    never by reading more). So after `b` batches of the rank, logical worker w has consumed
+    `batches_of(w, num_workers, b) * raw_per_batch` raw samples: the whole position is (epoch, b), identical
+    on every rank.
   * The raw stream and every augmentation are pure functions of (seed, epoch, rank, worker, index): the
     shuffle buffer draws from its own seeded RNG, and python/numpy/torch RNGs are re-seeded before each
     sample's transform.
@@ -140,6 +141,10 @@ class ShardStream(IterableDataset):
         seed, rank, world_size: as in build_loader.
         num_workers: DataLoader workers (at least 1 here: the main process counts as one worker).
         steps: batches per rank per epoch in training.
+        repeats: repeated augmentation in training: each raw sample is decoded once and transformed `repeats`
+            times with different seeds, all copies in the same batch (DeiT's recipe uses 3; where repeats does
+            not divide batch_size the batch's last samples have one copy fewer). The epoch keeps its `steps`
+            batches, so it reads about 1 / repeats of the samples.
         num_samples: samples per epoch over all ranks (evaluation reads exactly these).
         shuffle_buffer: samples held by each worker's shuffle buffer.
     """
@@ -147,13 +152,15 @@ class ShardStream(IterableDataset):
     def __init__(self, urls: List[str], *, counts: Optional[Sequence[int]], fields: Sequence[str],
                  batch_size: int, transform: Callable, text_transform: Optional[Callable], is_training: bool,
                  resampled: bool, seed: int, rank: int, world_size: int, num_workers: int, steps: int,
-                 num_samples: int, shuffle_buffer: int):
+                 num_samples: int, shuffle_buffer: int, repeats: int = 1):
         super().__init__()
         self.urls, self.counts, self.fields = urls, counts, tuple(fields)
         self.batch_size, self.transform, self.text_transform = batch_size, transform, text_transform
         self.is_training, self.resampled, self.seed = is_training, resampled, seed
         self.rank, self.world_size, self.num_workers = rank, world_size, max(1, num_workers)
         self.steps, self.num_samples, self.shuffle_buffer = steps, num_samples, shuffle_buffer
+        self.repeats = repeats if is_training else 1
+        self.raw_per_batch = -(-batch_size // self.repeats)
         # [epoch, first batch] of the next iteration; shared memory, so persistent workers see the updates
         self.progress = torch.zeros(2, dtype=torch.long).share_memory_()
 
@@ -169,9 +176,9 @@ class ShardStream(IterableDataset):
 
     def _planned(self, epoch: int, logical: int, errors: _ErrorCount) -> Iterator[RawSample]:
         order = shard_order(len(self.urls), shuffle=self.is_training, seed=self.seed, epoch=epoch)
-        per_rank = self.steps * self.batch_size if self.is_training else 0
+        per_rank = self.steps * self.raw_per_batch if self.is_training else 0
         lo, hi = rank_range(self.num_samples, self.rank, self.world_size, per_rank=per_rank)
-        wlo, whi = worker_ranges(lo, hi, self.batch_size, self.num_workers)[logical]
+        wlo, whi = worker_ranges(lo, hi, self.raw_per_batch, self.num_workers)[logical]
         for seg in segments(self.counts, order, wlo, whi):
             read = 0
             for sample in iter_samples(self.urls[seg.shard], seg.start, seg.stop, on_error=errors):
@@ -207,21 +214,28 @@ class ShardStream(IterableDataset):
 
     # ---- decoding and batching ------------------------------------------------------------------------
 
-    def _process(self, key: str, members: dict, seed: int) -> Optional[dict]:
-        """Decode and transform one sample with its own seed; None if it is unusable."""
+    def _process(self, key: str, members: dict, seeds: Sequence[int]) -> List[Optional[dict]]:
+        """Decode one sample and transform it once per seed; None for a copy that is unusable."""
         stage = "decode"
         try:
-            with _seeded_rngs(seed, restore=get_worker_info() is None):
-                sample = decode_sample(key, members, self.fields)
+            with _seeded_rngs(seeds[0], restore=get_worker_info() is None):
+                decoded = decode_sample(key, members, self.fields)
                 stage = "transform"  # valid data a transform chokes on (e.g. a 1-pixel image) is skipped too
-                if "image" in sample:
-                    sample["image"] = self.transform(sample["image"])
-                if "text" in sample and self.text_transform is not None:
-                    sample["text"] = self.text_transform(sample["text"])
-            return sample
+                if "text" in decoded and self.text_transform is not None:
+                    decoded["text"] = self.text_transform(decoded["text"])
         except Exception as exc:  # untrusted data: any failure means "skip this sample", never a crash
             _warn(f"skipping sample {key!r}, {stage} failed: {exc!r}")
-            return None
+            return [None] * len(seeds)
+        copies = []
+        for seed in seeds:
+            try:
+                with _seeded_rngs(seed, restore=get_worker_info() is None):
+                    image = {"image": self.transform(decoded["image"])} if "image" in decoded else {}
+                copies.append({**decoded, **image})
+            except Exception as exc:
+                _warn(f"skipping sample {key!r}, transform failed: {exc!r}")
+                copies.append(None)
+        return copies
 
     def _collate(self, samples: List[dict], logical: int, skipped: int) -> dict:
         batch = {f: default_collate([s[f] for s in samples]) for f in self.fields}
@@ -231,7 +245,7 @@ class ShardStream(IterableDataset):
     def _borrow(self, stream: _Peekable, seed: int, limit: int = 1000) -> dict:
         """The next decodable sample ahead in the stream, without consuming it."""
         for raw in itertools.islice(stream.ahead(), limit):
-            sample = self._process(*raw, seed)
+            sample = self._process(*raw, [seed])[0]
             if sample is not None:
                 return sample
         raise RuntimeError(f"rank {self.rank}: {limit} consecutive samples failed to decode or transform "
@@ -249,21 +263,30 @@ class ShardStream(IterableDataset):
             logical = (worker + begin - k * self.steps) % self.num_workers
             yield from self._train_batches(epoch + k, logical, begin if k == 0 else 0)
 
+    def _seeds(self, epoch: int, logical: int, index: int) -> List[int]:
+        """The transform seeds of raw sample `index` of this worker's epoch stream, one per copy."""
+        if self.repeats == 1:
+            return [sample_seed(self.seed, epoch, self.rank, logical, index)]
+        return [sample_seed(self.seed, epoch, self.rank, logical, index, copy) for copy in range(self.repeats)]
+
     def _train_batches(self, epoch: int, logical: int, begin: int) -> Iterator[dict]:
-        errors, bs = _ErrorCount(planned=not self.resampled), self.batch_size
+        errors, bs, raw = _ErrorCount(planned=not self.resampled), self.batch_size, self.raw_per_batch
         stream = _Peekable(self._train_stream(epoch, logical, errors))
-        index = batches_of(logical, self.num_workers, begin) * bs
+        index = batches_of(logical, self.num_workers, begin) * raw
         for _ in range(index):  # fast-forward to the resume position: tar bytes only, nothing decoded
             next(stream)
         errors.count = 0  # those were counted by the run that read them first
         for _ in range(batches_of(logical, self.num_workers, self.steps, begin)):
-            seeds = [sample_seed(self.seed, epoch, self.rank, logical, index + i) for i in range(bs)]
-            samples = [self._process(*next(stream), seed) for seed in seeds]
-            index += bs
+            seeds = [self._seeds(epoch, logical, index + i) for i in range(raw)]
+            copies = [self._process(*next(stream), s) for s in seeds]
+            # copy-major order: a sample's copies are raw_per_batch apart, not side by side; the surplus copies
+            # of the last samples (where repeats does not divide the batch) are dropped
+            samples = [per_sample[c] for c in range(self.repeats) for per_sample in copies][:bs]
+            index += raw
             good = [s for s in samples if s is not None]
             if not good:  # the whole batch is unusable: borrow the next decodable sample of the stream
-                good = [self._borrow(stream, seeds[0])]
-            skipped = bs - sum(s is not None for s in samples)
+                good = [self._borrow(stream, seeds[0][0])]
+            skipped = sum(any(c is None for c in per_sample) for per_sample in copies)
             # a corrupt sample's slot is filled with a good sample of the same batch: the batch keeps its size
             # (all ranks gather equal shapes) and the stream position stays a function of the batch count
             samples = [s if s is not None else good[i % len(good)] for i, s in enumerate(samples)]
@@ -273,7 +296,7 @@ class ShardStream(IterableDataset):
     def _eval_batches(self, logical: int) -> Iterator[dict]:
         errors, batch, skipped = _ErrorCount(planned=True), [], 0
         for index, (key, members) in enumerate(self._planned(0, logical, errors)):
-            sample = self._process(key, members, sample_seed(self.seed, self.rank, logical, index))
+            sample = self._process(key, members, [sample_seed(self.seed, self.rank, logical, index)])[0]
             if sample is None:
                 skipped += 1
                 continue

@@ -56,6 +56,8 @@ class DataConfig:
     input_size: int = 224
     resampled: bool = False         # draw shards with replacement, fixed samples per epoch (multi-node)
     shuffle_buffer: int = 2000
+    repeated_aug: int = 1           # training: each image read gives this many augmented copies in its batch
+                                    # (DeiT: 3); an epoch keeps its steps, so it reads 1 / repeated_aug of the data
     cache_dir: str = ""             # where the embedded default data set is generated; "" = ~/.cache
 
 

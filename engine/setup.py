@@ -58,7 +58,7 @@ def build_data(cfg, dist, fields, train_transform, eval_transform=None, text_tra
                   text_transform=text_transform, pin_memory=dist.device.type == "cuda" and not cfg.train.cuda_graph)
     train = data.build_loader(train_urls, fields=fields, batch_size=cfg.data.batch_size, transform=train_transform,
                               is_training=True, num_samples=train_n, resampled=cfg.data.resampled,
-                              shuffle_buffer=cfg.data.shuffle_buffer, **common)
+                              shuffle_buffer=cfg.data.shuffle_buffer, repeated_aug=cfg.data.repeated_aug, **common)
     evaluation = None
     if eval_urls and eval_transform is not None:
         evaluation = data.build_loader(eval_urls, fields=eval_fields or fields, transform=eval_transform,

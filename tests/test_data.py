@@ -278,17 +278,17 @@ def test_default_dataset(default_data, tmp_path_factory):
     assert again == d
 
 
-def _loader(urls, num_workers):
+def _loader(urls, num_workers, repeated_aug=1):
     """A fresh loader with every kind of random augmentation (crop, flip, RandAugment, erasing)."""
     transform = build_transform(True, 32, scale=(0.2, 1.0), auto_augment="rand-m9-mstd0.5-inc1", re_prob=0.25)
     return build_loader(urls, fields=("image", "label"), batch_size=16, num_workers=num_workers,
-                        transform=transform, seed=3, num_samples=192, shuffle_buffer=50)
+                        transform=transform, seed=3, num_samples=192, shuffle_buffer=50, repeated_aug=repeated_aug)
 
 
-@pytest.mark.parametrize("num_workers", [0, 2])
-def test_resume_continues_exactly(default_data, num_workers):
+@pytest.mark.parametrize("num_workers, repeated_aug", [(0, 1), (2, 1), (2, 4)])
+def test_resume_continues_exactly(default_data, num_workers, repeated_aug):
     urls = default_data["train"].replace("{000000..000009}", "{000000..000001}")  # 2 shards, 1000 samples
-    info = _loader(urls, num_workers)
+    info = _loader(urls, num_workers, repeated_aug)
     reference = []
     for epoch in (0, 1):
         info.set_epoch(epoch)
@@ -297,7 +297,7 @@ def test_resume_continues_exactly(default_data, num_workers):
     assert steps == 12 and len(reference) == 24
 
     for stop in (5, steps + 3):  # mid-epoch, and after an epoch boundary
-        interrupted, seen = _loader(urls, num_workers), 0
+        interrupted, seen = _loader(urls, num_workers, repeated_aug), 0
         for epoch in (0, 1):
             interrupted.set_epoch(epoch)
             for _ in interrupted.loader:
@@ -309,7 +309,7 @@ def test_resume_continues_exactly(default_data, num_workers):
         state = interrupted.state_dict()
         assert state["epoch"] == stop // steps and state["batches_done"] == stop % steps
 
-        resumed = _loader(urls, num_workers)
+        resumed = _loader(urls, num_workers, repeated_aug)
         resumed.load_state_dict(state)
         got = []
         for epoch in range(state["epoch"], 2):
@@ -318,6 +318,34 @@ def test_resume_continues_exactly(default_data, num_workers):
         assert len(got) == len(reference) - stop
         for (epoch, want), have in zip(reference[stop:], got):
             assert torch.equal(want["image"], have["image"]) and torch.equal(want["label"], have["label"])
+
+
+def test_repeated_augmentation(default_data):
+    """Each image read appears repeated_aug times in its batch, differently augmented; an epoch keeps its steps
+    and reads 1 / repeated_aug of the samples, none twice."""
+    urls = default_data["train"].replace("{000000..000009}", "{000000..000001}")
+    make = lambda k, batch=12: build_loader(urls, fields=("key", "image"), batch_size=batch, num_workers=0,  # noqa: E731
+                                            transform=build_transform(True, 32, scale=(0.2, 1.0)), seed=1,
+                                            num_samples=240, shuffle_buffer=20, repeated_aug=k)
+    info = make(3)
+    info.set_epoch(0)
+    batches = list(info.loader)
+    assert len(batches) == info.steps_per_epoch == make(1).steps_per_epoch == 20
+    epoch_keys = []
+    for batch in batches:
+        keys = batch["key"]
+        assert keys[:4] == keys[4:8] == keys[8:] and len(set(keys)) == 4  # copy-major: 4 images x 3 copies
+        for i in range(4):
+            assert not torch.equal(batch["image"][i], batch["image"][i + 4])
+        epoch_keys += keys[:4]
+    assert len(epoch_keys) == len(set(epoch_keys)) == 80
+    assert info.state_dict()["repeated_aug"] == 3
+    info = make(3, batch=10)  # 4 images, the last two with 2 copies
+    info.set_epoch(0)
+    keys = next(iter(info.loader))["key"]
+    assert keys[:4] == keys[4:8] and keys[8:] == keys[:2] and len(set(keys)) == 4
+    with pytest.raises(ValueError, match="repeated_aug=13 must be between 1 and batch_size=12"):
+        make(13)
 
 
 @pytest.mark.parametrize("num_workers", [0, 3])
