@@ -422,3 +422,12 @@ def test_epoch_coverage_tool_counts_each_sample_once_over_ranks(default_data_cac
     for line in lines:
         # 5,000 samples, global batch 150: 33 steps read 4,950, each once; 50 are left for a later epoch
         assert "planned 4950, read 4950, distinct 4950, read twice or more 0" in line, line
+
+
+def test_epoch_coverage_tool_with_repeated_augmentation(default_data_cache):
+    from helpers import run_ranks
+    outputs = run_ranks(["bench/check_epoch_coverage.py", f"data.cache_dir={default_data_cache}", "data.batch_size=50",
+                         "data.num_workers=1", "data.repeated_aug=3"], world_size=2)
+    line = next(line for line in outputs[0].splitlines() if line.startswith("epoch"))
+    # 50 steps of 2 x 50 samples, each batch 17 images x 3 copies (the last copy dropped): 1,700 images, each once
+    assert "planned 1700, read 1700, distinct 1700, read twice or more 0" in line, line
