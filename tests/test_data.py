@@ -324,9 +324,12 @@ def test_repeated_augmentation(default_data):
     """Each image read appears repeated_aug times in its batch, differently augmented; an epoch keeps its steps
     and reads 1 / repeated_aug of the samples, none twice."""
     urls = default_data["train"].replace("{000000..000009}", "{000000..000001}")
-    make = lambda k, batch=12: build_loader(urls, fields=("key", "image"), batch_size=batch, num_workers=0,  # noqa: E731
-                                            transform=build_transform(True, 32, scale=(0.2, 1.0)), seed=1,
-                                            num_samples=240, shuffle_buffer=20, repeated_aug=k)
+
+    def make(k, batch=12):
+        return build_loader(urls, fields=("key", "image"), batch_size=batch, num_workers=0, seed=1,
+                            transform=build_transform(True, 32, scale=(0.2, 1.0)), num_samples=240,
+                            shuffle_buffer=20, repeated_aug=k)
+
     info = make(3)
     info.set_epoch(0)
     batches = list(info.loader)
@@ -353,9 +356,11 @@ def test_stream_runs_on_across_epochs(default_data, num_workers, monkeypatch):
     """One worker stream serves consecutive epochs (prefetch across the boundary, no restart), with the same
     batches as a fresh loader per epoch; 11 steps an epoch, so 3 workers swap logical roles at each boundary."""
     urls = default_data["train"].replace("{000000..000009}", "{000000..000001}")
-    make = lambda: build_loader(urls, fields=("key", "image"), batch_size=16, num_workers=num_workers,  # noqa: E731
-                                transform=build_transform(True, 32, scale=(0.2, 1.0)), seed=5, num_samples=176,
-                                shuffle_buffer=50)
+
+    def make():
+        return build_loader(urls, fields=("key", "image"), batch_size=16, num_workers=num_workers, seed=5,
+                            transform=build_transform(True, 32, scale=(0.2, 1.0)), num_samples=176, shuffle_buffer=50)
+
     want = []
     for epoch in range(3):
         fresh = make()
