@@ -215,23 +215,22 @@ class ShardStream(IterableDataset):
     # ---- decoding and batching ------------------------------------------------------------------------
 
     def _process(self, key: str, members: dict, seeds: Sequence[int]) -> List[Optional[dict]]:
-        """Decode one sample and transform it once per seed; None for a copy that is unusable."""
-        stage = "decode"
+        """Decode one sample, then transform it once per seed (with that seed); None for an unusable copy."""
         try:
-            with _seeded_rngs(seeds[0], restore=get_worker_info() is None):
-                decoded = decode_sample(key, members, self.fields)
-                stage = "transform"  # valid data a transform chokes on (e.g. a 1-pixel image) is skipped too
-                if "text" in decoded and self.text_transform is not None:
-                    decoded["text"] = self.text_transform(decoded["text"])
+            decoded = decode_sample(key, members, self.fields)
         except Exception as exc:  # untrusted data: any failure means "skip this sample", never a crash
-            _warn(f"skipping sample {key!r}, {stage} failed: {exc!r}")
+            _warn(f"skipping sample {key!r}, decode failed: {exc!r}")
             return [None] * len(seeds)
         copies = []
         for seed in seeds:
-            try:
+            try:  # valid data a transform chokes on (e.g. a 1-pixel image) is skipped too
                 with _seeded_rngs(seed, restore=get_worker_info() is None):
-                    image = {"image": self.transform(decoded["image"])} if "image" in decoded else {}
-                copies.append({**decoded, **image})
+                    sample = dict(decoded)
+                    if "image" in sample:
+                        sample["image"] = self.transform(sample["image"])
+                    if "text" in sample and self.text_transform is not None:
+                        sample["text"] = self.text_transform(sample["text"])
+                copies.append(sample)
             except Exception as exc:
                 _warn(f"skipping sample {key!r}, transform failed: {exc!r}")
                 copies.append(None)
