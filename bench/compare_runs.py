@@ -4,8 +4,8 @@
 
 Prints a markdown row per run: the mean training loss over consecutive windows of steps, the final evaluation
 metrics of results.json, and images/s: the median window's, and over the whole run after its first window (the
-steps' total time, so the slow windows, e.g. those with an epoch start, count); --plot draws every run's loss against step in one figure per
-run-name prefix (the part before the first "_").
+steps' total time, so the slow windows, e.g. those with an epoch start, count); --plot draws every run's loss
+against step in one figure per run-name prefix (the part before the first "_").
 """
 import argparse
 import json
