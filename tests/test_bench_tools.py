@@ -1,0 +1,15 @@
+"""bench/ tools that summarise runs: the numbers they print are computed right."""
+import json
+
+from bench.compare_runs import summary
+
+
+def test_compare_runs_whole_run_rate_counts_the_slow_windows(tmp_path):
+    # batch 100, windows of 10 steps: a first (warm-up) window, then 2 s (500 images/s) and 10 s (100 images/s)
+    records = [{"step": 10, "loss": 1.0, "images_per_s": 50.0}, {"step": 20, "loss": 0.9, "images_per_s": 500.0},
+               {"step": 30, "loss": 0.8, "images_per_s": 100.0}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    _, means, evals, median, overall = summary(tmp_path, 10)
+    assert means == ["1.0000", "0.9000", "0.8000"] and evals == ""
+    assert median == 100.0
+    assert abs(overall - 2000 / 12) < 1e-9  # 2,000 images after the first window, in 12 s
