@@ -8,8 +8,8 @@ constexprs a real call gives it (FAST paths included). Nothing is executed on a 
 register count or a loop's instruction count is a reason to time a setting on the GPU, not a result
 (`bench/sweep_scan_bwd.py` times them). `bench/NOTES_scan.md` has what earlier reports showed.
 
-    python bench/compile_report.py [--shape 2,384,197] [--settings 16,2,0 16,2,0,1,16 ...]
-    (settings as in sweep_scan_bwd.py: CK,SEG,MAXNREG[,WARPS[,BLOCK_E]]; MAXNREG 0 = no cap)
+    python bench/compile_report.py [--shape 2,384,197] [--settings shipped 16,2,0,1,16 PF=0,FWD_AHEAD=1 ...]
+    (settings as in sweep_scan_bwd.py: "shipped", CK,SEG,MAXNREG[,WARPS[,BLOCK_E]] or named knobs)
 """
 import argparse
 import os
@@ -29,7 +29,7 @@ from triton.compiler import ASTSource, make_backend  # noqa: E402
 from triton.compiler import compile as triton_compile  # noqa: E402
 from triton.runtime.jit import JITFunction, create_function_from_signature  # noqa: E402
 
-from bench.sweep_scan_bwd import scan_setting  # noqa: E402
+from bench.sweep_scan_bwd import SHOWN, scan_setting  # noqa: E402
 from kernels import scan_triton  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)
@@ -102,16 +102,16 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--shape", default="2,384,197", help="batch,E,L of the call (Vim-T at 224: the batch does not "
                                                         "change the code)")
-    p.add_argument("--settings", nargs="+", default=["16,2,0"])
+    p.add_argument("--settings", nargs="+", default=["shipped"])
     a = p.parse_args()
     batch, E, L = (int(v) for v in a.shape.split(","))
     xs, dout, ysum = make_call_inputs(batch, E, L)
     print(f"triton {triton.__version__}, sm_90, call shape (batch, E, L) = ({batch}, {E}, {L}), bf16 token-major")
     for setting in a.settings:
-        with scan_setting(setting) as (ck, seg, nreg, warps, block_e), CompileInsteadOfLaunch() as report:
+        with scan_setting(setting) as values, CompileInsteadOfLaunch() as report:
             _, _, hin, chunk = scan_triton._scan_fwd(*xs, save=True)  # long sequences: cut into chunks
             scan_triton._scan_bwd(dout, *xs, ysum, hin, chunk)
-        print(f"\nsetting CK {ck}, SEG {seg}, maxnreg {nreg or 'none'}, warps {warps}, channels {block_e}")
+        print(f"\nsetting {setting}: " + ", ".join(f"{k} {v}" for k, v in zip(SHOWN, values)))
         for name, compiled in report.compiled:
             usage, count, mnemonics, loops = sass_report(compiled)
             print(f"  {name}: {usage}, {count} SASS instructions; "

@@ -96,6 +96,25 @@ def _cast(x, dtype: tl.constexpr, FAST: tl.constexpr):
 
 
 @triton.jit
+def _prefetch(ptrs, mask, FAST: tl.constexpr):
+    """Hint to bring the lines at ptrs (a tensor, or a scalar: e.g. a B or C row of N fp32, one line) into L1: no
+    registers, no wait. The loops are bound by load latency: a value loaded a token ahead into registers still
+    waits (under the register cap ptxas sinks those loads to the end of the loop body), one prefetched several
+    tokens ahead is an L1 hit. mask None: all addresses valid. The interpreter has no inline assembly, so there the
+    addresses are loaded and discarded instead (the tests' bounds check sees them)."""
+    if FAST:
+        if mask is None:
+            tl.inline_asm_elementwise("{ prefetch.global.L1 [$1]; mov.u32 $0, 0; }", "=r,l", [ptrs],
+                                      dtype=tl.int32, is_pure=False, pack=1)
+        else:
+            tl.inline_asm_elementwise(
+                "{ .reg .pred p; setp.ne.b32 p, $2, 0; @p prefetch.global.L1 [$1]; mov.u32 $0, 0; }", "=r,l,r",
+                [ptrs, mask.to(tl.int32)], dtype=tl.int32, is_pure=False, pack=1)
+    else:
+        tl.load(ptrs, mask=mask)
+
+
+@triton.jit
 def _load_n(ptrs, mn, EVEN_N: tl.constexpr):
     """A token's [N] vector (B or C, fp32): unmasked when N == BLOCK_N, so no register zeroing for masked lanes."""
     if EVEN_N:
@@ -129,11 +148,36 @@ def _fwd_load(u_ptrs, d_ptrs, B_ptrs, C_ptrs, me, mn, EVEN_N: tl.constexpr):
 @triton.jit
 def _fwd_step(h, A2, Dv, bias, u, x, Bt, Ct, LOG_N: tl.constexpr, FAST: tl.constexpr):
     """One token of one direction: h [BN, BE] fp32, returns (h, y [BE])."""
-    dt = _softplus(x + bias, FAST)
+    return _fwd_step_dt(h, A2, Dv, _softplus(x + bias, FAST), u, Bt, Ct, LOG_N)
+
+
+@triton.jit
+def _fwd_step_dt(h, A2, Dv, dt, u, Bt, Ct, LOG_N: tl.constexpr):
+    """`_fwd_step` with dt = softplus(delta + bias) already computed (a token ahead, off the recurrence's path)."""
     a = tl.exp2(dt[None, :] * A2)
     h = a * h + (dt * u)[None, :] * Bt[:, None]
     y = _sum_rows(h * Ct[:, None], LOG_N) + Dv * u
     return h, y
+
+
+@triton.jit
+def _load_ubc(u_ptrs, B_ptrs, C_ptrs, me, mn, EVEN_N: tl.constexpr):
+    """One token's u [BE] (fp32) and B, C [BN] of one direction."""
+    return tl.load(u_ptrs, mask=me, other=0.0).to(tl.float32), _load_n(B_ptrs, mn, EVEN_N), _load_n(C_ptrs, mn, EVEN_N)
+
+
+@triton.jit
+def _load_x(d_ptrs, me):
+    return tl.load(d_ptrs, mask=me, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _prefetch_token(u_ptrs, d_ptrs, B_row, C_row, me, FAST: tl.constexpr):
+    """Prefetch one token of one direction: u, delta ([BE] pointers) and the B, C rows (scalar addresses)."""
+    _prefetch(u_ptrs, me, FAST)
+    _prefetch(d_ptrs, me, FAST)
+    _prefetch(B_row, None, FAST)
+    _prefetch(C_row, None, FAST)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -151,7 +195,7 @@ def _fwd_chunk_state_kernel(
     sB_d, sB_b, sB_n, sB_l,
     zero,
     # meta-parameters
-    BLOCK_E: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_N: tl.constexpr, FAST: tl.constexpr,
+    BLOCK_E: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_N: tl.constexpr, PF: tl.constexpr, FAST: tl.constexpr,
 ):
     pid_e = tl.program_id(0)
     b = tl.program_id(1)
@@ -182,11 +226,17 @@ def _fwd_chunk_state_kernel(
     u = tl.load(u_p + tbase * su_l, mask=me, other=0.0).to(tl.float32)
     x = tl.load(d_p + tbase * sd_l, mask=me, other=0.0).to(tl.float32)
     Bt = _load_n(B_p + tbase * sB_l, mn, EVEN_N)
+    Br = B_ptr + d64 * sB_d + b64 * sB_b
     for p in range(0, T):
         tn = tbase + tl.minimum(p + 1, T - 1) * tstep     # next token's loads first (latency-bound loop)
         un = tl.load(u_p + tn * su_l, mask=me, other=0.0).to(tl.float32)
         xn = tl.load(d_p + tn * sd_l, mask=me, other=0.0).to(tl.float32)
         Bn = _load_n(B_p + tn * sB_l, mn, EVEN_N)
+        if PF > 0:
+            tp = tbase + tl.minimum(p + PF, T - 1) * tstep
+            _prefetch(u_p + tp * su_l, me, FAST)
+            _prefetch(d_p + tp * sd_l, me, FAST)
+            _prefetch(Br + tp * sB_l, None, FAST)
         dt = _softplus(x + bias, FAST)
         dtsum += dt
         h = tl.exp2(dt[None, :] * A2) * h + (dt * u)[None, :] * Bt[:, None]
@@ -245,7 +295,7 @@ def _scan_fwd_kernel(
     zero,
     # meta-parameters
     BLOCK_E: tl.constexpr, BLOCK_N: tl.constexpr, LOG_N: tl.constexpr, HAS_CARRY: tl.constexpr,
-    SAVE_YSUM: tl.constexpr, EVEN_N: tl.constexpr, FAST: tl.constexpr,
+    SAVE_YSUM: tl.constexpr, EVEN_N: tl.constexpr, PF: tl.constexpr, AHEAD: tl.constexpr, FAST: tl.constexpr,
 ):
     pid_e = tl.program_id(0)
     b = tl.program_id(1)
@@ -286,54 +336,101 @@ def _scan_fwd_kernel(
     C0 = C_ptr + b64 * sC_b + n * sC_n
     C1 = C0 + sC_d
     zr = z_ptr + b64 * sz_b + e * sz_e
+    B0r = B_ptr + b64 * sB_b                         # B, C row addresses (scalars), for the prefetches
+    B1r = B0r + sB_d
+    C0r = C_ptr + b64 * sC_b
+    C1r = C0r + sC_d
     o_off = b64 * so_b + e * so_e
     pr = part_ptr + o_off
     orow = out_ptr + o_off
     yrow = ysum_ptr + o_off
 
-    # The recurrences are latency-bound (one warp walks all tokens): the loads of token s + 1 are issued before the
-    # arithmetic of token s (software prefetch into registers).
+    # The recurrences are latency-bound (one warp walks all tokens), so work is issued ahead of its use: the inputs
+    # PF tokens ahead are prefetched into L1, the loads of u, B, C are issued one token ahead, delta two tokens
+    # ahead, and dt = softplus(delta + bias) (a chain of ~20 dependent instructions) one token ahead, so that it
+    # overlaps the current token's exps instead of preceding them.
     last = t0 + T - 1
-    ua, xa, Ba, Ca = _fwd_load(u0 + t0 * su_l, d0 + t0 * sd_l, B0 + t0 * sB_l, C0 + t0 * sC_l, me, mn, EVEN_N)
-    ub, xb, Bb, Cb = _fwd_load(u1 + last * su_l, d1 + last * sd_l, B1 + last * sB_l, C1 + last * sC_l, me, mn, EVEN_N)
-    # first half: each direction parks its y where the other direction will arrive later
     half = T // 2
+    # first half: each direction parks its y where the other direction will arrive later
+    if AHEAD:
+        ua, Ba, Ca = _load_ubc(u0 + t0 * su_l, B0 + t0 * sB_l, C0 + t0 * sC_l, me, mn, EVEN_N)
+        ub, Bb, Cb = _load_ubc(u1 + last * su_l, B1 + last * sB_l, C1 + last * sC_l, me, mn, EVEN_N)
+    dta = _softplus(_load_x(d0 + t0 * sd_l, me) + bias0, FAST)
+    dtb = _softplus(_load_x(d1 + last * sd_l, me) + bias1, FAST)
+    xa = _load_x(d0 + tl.minimum(t0 + 1, last) * sd_l, me)
+    xb = _load_x(d1 + tl.maximum(last - 1, t0) * sd_l, me)
     for s in range(0, half):
         tf = t0 + s
         tb = last - s
-        nf = tf + 1                                  # s + 1 < T here, always a real token
-        nb = tb - 1
-        una, xna, Bna, Cna = _fwd_load(u0 + nf * su_l, d0 + nf * sd_l, B0 + nf * sB_l, C0 + nf * sC_l, me, mn, EVEN_N)
-        unb, xnb, Bnb, Cnb = _fwd_load(u1 + nb * su_l, d1 + nb * sd_l, B1 + nb * sB_l, C1 + nb * sC_l, me, mn, EVEN_N)
-        h0, y0 = _fwd_step(h0, A0, D0, bias0, ua, xa, Ba, Ca, LOG_N, FAST)
-        h1, y1 = _fwd_step(h1, A1, D1, bias1, ub, xb, Bb, Cb, LOG_N, FAST)
+        if AHEAD:
+            una, Bna, Cna = _load_ubc(u0 + (tf + 1) * su_l, B0 + (tf + 1) * sB_l, C0 + (tf + 1) * sC_l, me, mn, EVEN_N)
+            unb, Bnb, Cnb = _load_ubc(u1 + (tb - 1) * su_l, B1 + (tb - 1) * sB_l, C1 + (tb - 1) * sC_l, me, mn, EVEN_N)
+        else:
+            ua, Ba, Ca = _load_ubc(u0 + tf * su_l, B0 + tf * sB_l, C0 + tf * sC_l, me, mn, EVEN_N)
+            ub, Bb, Cb = _load_ubc(u1 + tb * su_l, B1 + tb * sB_l, C1 + tb * sC_l, me, mn, EVEN_N)
+        xna = _load_x(d0 + tl.minimum(tf + 2, last) * sd_l, me)
+        xnb = _load_x(d1 + tl.maximum(tb - 2, t0) * sd_l, me)
+        if PF > 0:
+            pa = tl.minimum(tf + PF, last)
+            pb = tl.maximum(tb - PF, t0)
+            _prefetch_token(u0 + pa * su_l, d0 + pa * sd_l, B0r + pa * sB_l, C0r + pa * sC_l, me, FAST)
+            _prefetch_token(u1 + pb * su_l, d1 + pb * sd_l, B1r + pb * sB_l, C1r + pb * sC_l, me, FAST)
+        dtna = _softplus(xa + bias0, FAST)
+        dtnb = _softplus(xb + bias1, FAST)
+        h0, y0 = _fwd_step_dt(h0, A0, D0, dta, ua, Ba, Ca, LOG_N)
+        h1, y1 = _fwd_step_dt(h1, A1, D1, dtb, ub, Bb, Cb, LOG_N)
         tl.store(pr + tf * so_l, y0, mask=me)
         tl.store(pr + tb * so_l, y1, mask=me)
-        ua, xa, Ba, Ca = una, xna, Bna, Cna
-        ub, xb, Bb, Cb = unb, xnb, Bnb, Cnb
+        if AHEAD:
+            ua, Ba, Ca = una, Bna, Cna
+            ub, Bb, Cb = unb, Bnb, Cnb
+        dta, xa = dtna, xna
+        dtb, xb = dtnb, xnb
     # second half: meet the parked value, gate, average, write (the middle token of an odd chunk meets in registers).
     # Its first token's inputs are loaded again rather than carried over from the first loop: carried, Triton 3.6
     # gives B and C a second layout, loads them twice in the first loop and converts them through shared memory at
-    # every token of the second.
-    ua, xa, Ba, Ca = _fwd_load(u0 + (t0 + half) * su_l, d0 + (t0 + half) * sd_l, B0 + (t0 + half) * sB_l,
-                               C0 + (t0 + half) * sC_l, me, mn, EVEN_N)
-    ub, xb, Bb, Cb = _fwd_load(u1 + (last - half) * su_l, d1 + (last - half) * sd_l, B1 + (last - half) * sB_l,
-                               C1 + (last - half) * sC_l, me, mn, EVEN_N)
+    # every token of the second. Past the chunk's end the loads repeat its last token (unused).
+    ta = t0 + half
+    tb0 = last - half
+    if AHEAD:
+        ua, Ba, Ca = _load_ubc(u0 + ta * su_l, B0 + ta * sB_l, C0 + ta * sC_l, me, mn, EVEN_N)
+        ub, Bb, Cb = _load_ubc(u1 + tb0 * su_l, B1 + tb0 * sB_l, C1 + tb0 * sC_l, me, mn, EVEN_N)
+    dta = _softplus(_load_x(d0 + ta * sd_l, me) + bias0, FAST)
+    dtb = _softplus(_load_x(d1 + tb0 * sd_l, me) + bias1, FAST)
+    xa = _load_x(d0 + tl.minimum(ta + 1, last) * sd_l, me)
+    xb = _load_x(d1 + tl.maximum(tb0 - 1, t0) * sd_l, me)
     for s in range(half, T):
         tf = t0 + s
         tb = last - s
-        nf = tl.minimum(tf + 1, last)                # past the end: reload the last token (unused)
-        nb = tl.maximum(tb - 1, t0)
-        una, xna, Bna, Cna = _fwd_load(u0 + nf * su_l, d0 + nf * sd_l, B0 + nf * sB_l, C0 + nf * sC_l, me, mn, EVEN_N)
-        unb, xnb, Bnb, Cnb = _fwd_load(u1 + nb * su_l, d1 + nb * sd_l, B1 + nb * sB_l, C1 + nb * sC_l, me, mn, EVEN_N)
+        if AHEAD:
+            nf = tl.minimum(tf + 1, last)
+            nb = tl.maximum(tb - 1, t0)
+            una, Bna, Cna = _load_ubc(u0 + nf * su_l, B0 + nf * sB_l, C0 + nf * sC_l, me, mn, EVEN_N)
+            unb, Bnb, Cnb = _load_ubc(u1 + nb * su_l, B1 + nb * sB_l, C1 + nb * sC_l, me, mn, EVEN_N)
+        else:
+            ua, Ba, Ca = _load_ubc(u0 + tf * su_l, B0 + tf * sB_l, C0 + tf * sC_l, me, mn, EVEN_N)
+            ub, Bb, Cb = _load_ubc(u1 + tb * su_l, B1 + tb * sB_l, C1 + tb * sC_l, me, mn, EVEN_N)
+        xna = _load_x(d0 + tl.minimum(tf + 2, last) * sd_l, me)
+        xnb = _load_x(d1 + tl.maximum(tb - 2, t0) * sd_l, me)
+        if PF > 0:                                   # here also z and the parked y (written in the first half)
+            pa = tl.minimum(tf + PF, last)
+            pb = tl.maximum(tb - PF, t0)
+            _prefetch_token(u0 + pa * su_l, d0 + pa * sd_l, B0r + pa * sB_l, C0r + pa * sC_l, me, FAST)
+            _prefetch_token(u1 + pb * su_l, d1 + pb * sd_l, B1r + pb * sB_l, C1r + pb * sC_l, me, FAST)
+            _prefetch(zr + pa * sz_l, me, FAST)
+            _prefetch(zr + pb * sz_l, me, FAST)
+            _prefetch(pr + pa * so_l, me, FAST)
+            _prefetch(pr + pb * so_l, me, FAST)
+        dtna = _softplus(xa + bias0, FAST)
+        dtnb = _softplus(xb + bias1, FAST)
         mid = tf == tb
         mo = me & (tf != tb)
         p0 = tl.load(pr + tf * so_l, mask=mo, other=0.0)
         p1 = tl.load(pr + tb * so_l, mask=mo, other=0.0)
         zf = tl.load(zr + tf * sz_l, mask=me, other=0.0).to(tl.float32)
         zb = tl.load(zr + tb * sz_l, mask=mo, other=0.0).to(tl.float32)
-        h0, y0 = _fwd_step(h0, A0, D0, bias0, ua, xa, Ba, Ca, LOG_N, FAST)
-        h1, y1 = _fwd_step(h1, A1, D1, bias1, ub, xb, Bb, Cb, LOG_N, FAST)
+        h0, y0 = _fwd_step_dt(h0, A0, D0, dta, ua, Ba, Ca, LOG_N)
+        h1, y1 = _fwd_step_dt(h1, A1, D1, dtb, ub, Bb, Cb, LOG_N)
         s0 = y0 + tl.where(mid, y1, p0)
         s1 = y1 + p1
         tl.store(orow + tf * so_l, _cast(zf * _sigmoid(zf) * s0 * 0.5, out_ptr.dtype.element_ty, FAST), mask=me)
@@ -341,8 +438,11 @@ def _scan_fwd_kernel(
         if SAVE_YSUM:
             tl.store(yrow + tf * so_l, _cast(s0, ysum_ptr.dtype.element_ty, FAST), mask=me)
             tl.store(yrow + tb * so_l, _cast(s1, ysum_ptr.dtype.element_ty, FAST), mask=mo)
-        ua, xa, Ba, Ca = una, xna, Bna, Cna
-        ub, xb, Bb, Cb = unb, xnb, Bnb, Cnb
+        if AHEAD:
+            ua, Ba, Ca = una, Bna, Cna
+            ub, Bb, Cb = unb, Bnb, Cnb
+        dta, xa = dtna, xna
+        dtb, xb = dtnb, xnb
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -362,7 +462,7 @@ def _bwd_chunk_state_kernel(
     sg_b, sg_e, sg_l,
     zero,
     # meta-parameters
-    BLOCK_E: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_N: tl.constexpr, FAST: tl.constexpr,
+    BLOCK_E: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_N: tl.constexpr, PF: tl.constexpr, FAST: tl.constexpr,
 ):
     pid_e = tl.program_id(0)
     b = tl.program_id(1)
@@ -396,12 +496,19 @@ def _bwd_chunk_state_kernel(
     zz = tl.load(z_p + tbase * sz_l, mask=me, other=0.0).to(tl.float32)
     g = tl.load(g_p + tbase * sg_l, mask=me, other=0.0).to(tl.float32)
     Ct = _load_n(C_p + tbase * sC_l, mn, EVEN_N)
+    Cr = C_ptr + d64 * sC_d + b64 * sC_b
     for p in range(0, T):
         tn = tbase + tl.minimum(p + 1, T - 1) * tstep     # next token's loads first (latency-bound loop)
         xn = tl.load(d_p + tn * sd_l, mask=me, other=0.0).to(tl.float32)
         zn = tl.load(z_p + tn * sz_l, mask=me, other=0.0).to(tl.float32)
         gn = tl.load(g_p + tn * sg_l, mask=me, other=0.0).to(tl.float32)
         Cn = _load_n(C_p + tn * sC_l, mn, EVEN_N)
+        if PF > 0:
+            tp = tbase + tl.minimum(p + PF, T - 1) * tstep
+            _prefetch(d_p + tp * sd_l, me, FAST)
+            _prefetch(z_p + tp * sz_l, me, FAST)
+            _prefetch(g_p + tp * sg_l, me, FAST)
+            _prefetch(Cr + tp * sC_l, None, FAST)
         dt = _softplus(x + bias, FAST)
         dtsum += dt
         dy = g * zz * _sigmoid(zz) * 0.5
@@ -445,12 +552,14 @@ def _col_sum_rows(n, col, SCATTER: tl.constexpr, LOG_C: tl.constexpr):
 
 @triton.jit
 def _sweep(h, A2, bias, p_start, p_end, T, tbase, tstep, u_p, d_p, B_p, su_l, sd_l, sB_l, me, mn, ck, ck_off,
-           z_p, g_p, sz_l, sg_l, dC_p, mC, col, NN,
+           z_p, g_p, sz_l, sg_l, dC_p, mC, col, NN, Br, Cr, y_p, sC_l, sy_l, d,
            EVERY: tl.constexpr, TILE: tl.constexpr, EVEN_N: tl.constexpr, FAST: tl.constexpr, WITH_DC: tl.constexpr,
-           SCATTER: tl.constexpr, LOG_C: tl.constexpr):
+           SCATTER: tl.constexpr, LOG_C: tl.constexpr, PF: tl.constexpr, PF_BACK: tl.constexpr):
     """Forward recurrence over scan positions [p_start, p_end), storing the state before every EVERY-th position
     (counted from p_start) to ck; the loads of position p + 1 are issued before the arithmetic of p.
-    WITH_DC: also dC_t = sum over channels of h_t * dy_t (this block's partial, reduce-scattered over the columns)."""
+    WITH_DC: also dC_t = sum over channels of h_t * dy_t (this block's partial, reduce-scattered over the columns).
+    Prefetches into L1: with PF > 0 what this sweep reads PF positions ahead; with PF_BACK > 0 everything the
+    backward reads at position p - PF_BACK (the block walked next: u, delta, B, C, z, dout, ysum)."""
     t = tbase + p_start * tstep
     u = tl.load(u_p + t * su_l, mask=me, other=0.0).to(tl.float32)
     x = tl.load(d_p + t * sd_l, mask=me, other=0.0).to(tl.float32)
@@ -462,6 +571,18 @@ def _sweep(h, A2, bias, p_start, p_end, T, tbase, tstep, u_p, d_p, B_p, su_l, sd
         un = tl.load(u_p + tn * su_l, mask=me, other=0.0).to(tl.float32)
         xn = tl.load(d_p + tn * sd_l, mask=me, other=0.0).to(tl.float32)
         Bn = _load_n(B_p + tn * sB_l, mn, EVEN_N)
+        if PF > 0:
+            tp = tbase + tl.minimum(p + PF, T - 1) * tstep
+            _prefetch(u_p + tp * su_l, me, FAST)
+            _prefetch(d_p + tp * sd_l, me, FAST)
+            _prefetch(Br + tp * sB_l, None, FAST)
+        if PF_BACK > 0:
+            tp = tbase + tl.maximum(p - PF_BACK, 0) * tstep
+            _prefetch_token(u_p + tp * su_l, d_p + tp * sd_l, Br + tp * sB_l, Cr + tp * sC_l, me, FAST)
+            _prefetch(z_p + tp * sz_l, me, FAST)
+            _prefetch(g_p + tp * sg_l, me, FAST)
+            if d == 0:
+                _prefetch(y_p + tp * sy_l, me, FAST)
         dt = _softplus(x + bias, FAST)
         h = tl.exp2(dt[None, :] * A2) * h + (dt * u)[None, :] * Bt[:, None]
         if WITH_DC:
@@ -496,7 +617,7 @@ def _scan_bwd_kernel(
     zero,
     # meta-parameters
     BLOCK_E: tl.constexpr, LOG_C: tl.constexpr, BLOCK_N: tl.constexpr, SCATTER: tl.constexpr, CK: tl.constexpr,
-    SEG: tl.constexpr, HAS_CARRY: tl.constexpr, EVEN_N: tl.constexpr, FAST: tl.constexpr,
+    SEG: tl.constexpr, HAS_CARRY: tl.constexpr, EVEN_N: tl.constexpr, PF: tl.constexpr, FAST: tl.constexpr,
 ):
     NSUB: tl.constexpr = (CK + SEG - 1) // SEG
     TILE: tl.constexpr = BLOCK_E * BLOCK_N
@@ -542,6 +663,8 @@ def _scan_bwd_kernel(
     gu_p = du_ptr + d64 * sgu_d + b64 * sgu_b + e * sgu_e
     gd_p = ddl_ptr + d64 * sgd_d + b64 * sgd_b + e * sgd_e
     gz_p = dz_ptr + b64 * sgz_b + e * sgz_e
+    Br = B_ptr + d64 * sB_d + b64 * sB_b             # B, C row addresses (scalars), for the prefetches
+    Cr = C_ptr + d64 * sC_d + b64 * sC_b
     # private scratch of this program: level-1 checkpoints (one per CK tokens) and level-2 (one per SEG tokens of the
     # CK block being processed, rewritten for every block, so it stays in L1/L2)
     prog = ((d64 * batch + b) * nchunks + c) * n_eb + pid_e
@@ -563,7 +686,8 @@ def _scan_bwd_kernel(
     else:
         h = tl.zeros([BLOCK_N, BLOCK_E], tl.float32)
     _sweep(h, A2, bias, 0, T, T, tbase, tstep, u_p, d_p, B_p, su_l, sd_l, sB_l, me, mn, ck, ck_off,
-           z_p, g_p, sz_l, sg_l, dC_p, mBC, col, N, CK, TILE, EVEN_N, FAST, False, SCATTER, LOG_C)
+           z_p, g_p, sz_l, sg_l, dC_p, mBC, col, N, Br, Cr, y_p, sC_l, sy_l, d,
+           CK, TILE, EVEN_N, FAST, False, SCATTER, LOG_C, PF, 0)
 
     # phase 2: CK blocks from the last; each is re-swept into level-2 checkpoints (producing dC on the way), then its
     # SEG-token sub-blocks are recomputed into registers (the stash) and walked backwards (producing the rest)
@@ -575,14 +699,18 @@ def _scan_bwd_kernel(
         jb = nblk_here - 1 - jbr
         pb = jb * CK
         h = tl.load(ck + jb * TILE + ck_off)
+        if PF > 0:  # the next block's level-1 checkpoint (written in phase 1, long out of L1)
+            _prefetch(ck + tl.maximum(jb - 1, 0) * TILE + ck_off, None, FAST)
         h = _sweep(h, A2, bias, pb, tl.minimum(pb + CK, T), T, tbase, tstep, u_p, d_p, B_p, su_l, sd_l, sB_l, me, mn,
-                   ck2, ck_off, z_p, g_p, sz_l, sg_l, dC_p, mBC, col, N, SEG, TILE, EVEN_N, FAST, True, SCATTER,
-                   LOG_C)
+                   ck2, ck_off, z_p, g_p, sz_l, sg_l, dC_p, mBC, col, N, Br, Cr, y_p, sC_l, sy_l, d,
+                   SEG, TILE, EVEN_N, FAST, True, SCATTER, LOG_C, 0, CK if PF > 0 else 0)
         nsub = tl.cdiv(tl.minimum(CK, T - pb), SEG)
         for jsr in range(0, nsub):
             js = nsub - 1 - jsr
             p0 = pb + js * SEG
             h = tl.load(ck2 + js * TILE + ck_off)
+            if PF > 0:  # the next segment's level-2 checkpoint (stores do not leave it in L1)
+                _prefetch(ck2 + tl.maximum(js - 1, 0) * TILE + ck_off, None, FAST)
             ahs = ()
             dts = ()
             us = ()
@@ -651,6 +779,9 @@ _BWD_WARPS = 1           # backward: warps per program (> 1 splits the N states 
 _BWD_BLOCK_E = 32        # backward: channels per program (16, 8: a channel's N states split over 2, 4 lanes)
 _CK = 16                 # backward: tokens per level-1 checkpoint
 _SEG = 2                 # backward: tokens per level-2 checkpoint (the register stash holds SEG states)
+_FWD_AHEAD = False       # forward: u, B, C loaded into registers a token ahead (else at use, from L1 with _PF)
+_PF = 4                  # tokens ahead that the sequential loops prefetch into L1 (0: no prefetch); the backward's
+                         # block re-sweeps then also prefetch the block walked next
 
 
 def _scatter_levels(block_n, block_e, warps):
@@ -749,7 +880,7 @@ def _scan_fwd(u, delta, A, B, C, D, z, delta_bias, chunk_size=None, save=False):
                 u, delta, A, B, delta_bias, hloc, P,
                 batch, E, L, N, chunk, nchunks,
                 *u.stride(), *delta.stride(), *B.stride(), 0,
-                BLOCK_E=BLOCK_E, BLOCK_N=BLOCK_N, EVEN_N=BLOCK_N == N, FAST=u.is_cuda, num_warps=_FWD_WARPS,
+                BLOCK_E=BLOCK_E, BLOCK_N=BLOCK_N, EVEN_N=BLOCK_N == N, PF=_PF, FAST=u.is_cuda, num_warps=_FWD_WARPS,
             )
             hin = torch.empty_like(hloc)
             _combine(hloc, P, hin, batch, N * E, nchunks, reverse=False)
@@ -758,7 +889,7 @@ def _scan_fwd(u, delta, A, B, C, D, z, delta_bias, chunk_size=None, save=False):
             batch, E, L, N, chunk, nchunks,
             *u.stride(), *delta.stride(), *B.stride(), *C.stride(), *z.stride(), *out.stride(), 0,
             BLOCK_E=BLOCK_E, BLOCK_N=BLOCK_N, LOG_N=BLOCK_N.bit_length() - 1, HAS_CARRY=nchunks > 1, SAVE_YSUM=save,
-            EVEN_N=BLOCK_N == N, FAST=u.is_cuda,
+            EVEN_N=BLOCK_N == N, PF=_PF, AHEAD=_FWD_AHEAD, FAST=u.is_cuda,
             num_warps=_FWD_WARPS, **_launch_opts(u, _FWD_MAXNREG),
         )
     return out, (ysum if save else None), hin, chunk
@@ -791,7 +922,7 @@ def _scan_bwd(dout, u, delta, A, B, C, D, z, delta_bias, ysum, hin, chunk, seg=N
                 delta, A, C, delta_bias, z, dout, R, P,
                 batch, E, L, N, chunk, nchunks,
                 *delta.stride(), *C.stride(), *z.stride(), *dout.stride(), 0,
-                BLOCK_E=32, BLOCK_N=BLOCK_N, EVEN_N=BLOCK_N == N, FAST=u.is_cuda, num_warps=1,
+                BLOCK_E=32, BLOCK_N=BLOCK_N, EVEN_N=BLOCK_N == N, PF=_PF, FAST=u.is_cuda, num_warps=1,
             )
             Min = torch.empty_like(R)
             _combine(R, P, Min, batch, N * E, nchunks, reverse=True)
@@ -816,7 +947,7 @@ def _scan_bwd(dout, u, delta, A, B, C, D, z, delta_bias, ysum, hin, chunk, seg=N
             0,
             BLOCK_E=BLOCK_E, LOG_C=BLOCK_E.bit_length() - 1, BLOCK_N=BLOCK_N,
             SCATTER=_scatter_levels(BLOCK_N, BLOCK_E, _BWD_WARPS), CK=CK, SEG=SEG, HAS_CARRY=nchunks > 1,
-            EVEN_N=BLOCK_N == N, FAST=u.is_cuda, num_warps=_BWD_WARPS, **_launch_opts(u, _BWD_MAXNREG),
+            EVEN_N=BLOCK_N == N, PF=_PF, FAST=u.is_cuda, num_warps=_BWD_WARPS, **_launch_opts(u, _BWD_MAXNREG),
         )
     dB = dB_part.sum(0).transpose(-1, -2)
     dC = dC_part.sum(0).transpose(-1, -2)
