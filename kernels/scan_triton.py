@@ -96,20 +96,28 @@ def _cast(x, dtype: tl.constexpr, FAST: tl.constexpr):
 
 
 @triton.jit
-def _prefetch(ptrs, mask, FAST: tl.constexpr):
-    """Hint to bring the lines at ptrs (a tensor, or a scalar: e.g. a B or C row of N fp32, one line) into L1: no
-    registers, no wait. The loops are bound by load latency: a value loaded a token ahead into registers still
-    waits (under the register cap ptxas sinks those loads to the end of the loop body), one prefetched several
-    tokens ahead is an L1 hit. mask None: all addresses valid. The interpreter has no inline assembly, so there the
-    addresses are loaded and discarded instead (the tests' bounds check sees them)."""
+def _prefetch(ptrs, mask, FAST: tl.constexpr, LEVEL: tl.constexpr = 1):
+    """Hint to bring the lines at ptrs (a tensor, or a scalar: e.g. a B or C row of N fp32, one line) into L1 (LEVEL
+    1) or L2 (LEVEL 2): no registers, no wait. The loops are bound by load latency, and a value loaded ahead into
+    registers costs registers that the loops do not have. mask None: all addresses valid. The interpreter has no
+    inline assembly, so there the addresses are loaded and discarded instead (the tests' bounds check sees them)."""
     if FAST:
         if mask is None:
-            tl.inline_asm_elementwise("{ prefetch.global.L1 [$1]; mov.u32 $0, 0; }", "=r,l", [ptrs],
-                                      dtype=tl.int32, is_pure=False, pack=1)
+            if LEVEL == 1:
+                tl.inline_asm_elementwise("{ prefetch.global.L1 [$1]; mov.u32 $0, 0; }", "=r,l", [ptrs],
+                                          dtype=tl.int32, is_pure=False, pack=1)
+            else:
+                tl.inline_asm_elementwise("{ prefetch.global.L2 [$1]; mov.u32 $0, 0; }", "=r,l", [ptrs],
+                                          dtype=tl.int32, is_pure=False, pack=1)
         else:
-            tl.inline_asm_elementwise(
-                "{ .reg .pred p; setp.ne.b32 p, $2, 0; @p prefetch.global.L1 [$1]; mov.u32 $0, 0; }", "=r,l,r",
-                [ptrs, mask.to(tl.int32)], dtype=tl.int32, is_pure=False, pack=1)
+            if LEVEL == 1:
+                tl.inline_asm_elementwise(
+                    "{ .reg .pred p; setp.ne.b32 p, $2, 0; @p prefetch.global.L1 [$1]; mov.u32 $0, 0; }", "=r,l,r",
+                    [ptrs, mask.to(tl.int32)], dtype=tl.int32, is_pure=False, pack=1)
+            else:
+                tl.inline_asm_elementwise(
+                    "{ .reg .pred p; setp.ne.b32 p, $2, 0; @p prefetch.global.L2 [$1]; mov.u32 $0, 0; }", "=r,l,r",
+                    [ptrs, mask.to(tl.int32)], dtype=tl.int32, is_pure=False, pack=1)
     else:
         tl.load(ptrs, mask=mask)
 
@@ -161,23 +169,17 @@ def _fwd_step_dt(h, A2, Dv, dt, u, Bt, Ct, LOG_N: tl.constexpr):
 
 
 @triton.jit
-def _load_ubc(u_ptrs, B_ptrs, C_ptrs, me, mn, EVEN_N: tl.constexpr):
-    """One token's u [BE] (fp32) and B, C [BN] of one direction."""
-    return tl.load(u_ptrs, mask=me, other=0.0).to(tl.float32), _load_n(B_ptrs, mn, EVEN_N), _load_n(C_ptrs, mn, EVEN_N)
-
-
-@triton.jit
 def _load_x(d_ptrs, me):
     return tl.load(d_ptrs, mask=me, other=0.0).to(tl.float32)
 
 
 @triton.jit
-def _prefetch_token(u_ptrs, d_ptrs, B_row, C_row, me, FAST: tl.constexpr):
+def _prefetch_token(u_ptrs, d_ptrs, B_row, C_row, me, FAST: tl.constexpr, LEVEL: tl.constexpr = 1):
     """Prefetch one token of one direction: u, delta ([BE] pointers) and the B, C rows (scalar addresses)."""
-    _prefetch(u_ptrs, me, FAST)
-    _prefetch(d_ptrs, me, FAST)
-    _prefetch(B_row, None, FAST)
-    _prefetch(C_row, None, FAST)
+    _prefetch(u_ptrs, me, FAST, LEVEL)
+    _prefetch(d_ptrs, me, FAST, LEVEL)
+    _prefetch(B_row, None, FAST, LEVEL)
+    _prefetch(C_row, None, FAST, LEVEL)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -295,7 +297,7 @@ def _scan_fwd_kernel(
     zero,
     # meta-parameters
     BLOCK_E: tl.constexpr, BLOCK_N: tl.constexpr, LOG_N: tl.constexpr, HAS_CARRY: tl.constexpr,
-    SAVE_YSUM: tl.constexpr, EVEN_N: tl.constexpr, PF: tl.constexpr, AHEAD: tl.constexpr, FAST: tl.constexpr,
+    SAVE_YSUM: tl.constexpr, EVEN_N: tl.constexpr, PF: tl.constexpr, FAST: tl.constexpr,
 ):
     pid_e = tl.program_id(0)
     b = tl.program_id(1)
@@ -346,15 +348,16 @@ def _scan_fwd_kernel(
     yrow = ysum_ptr + o_off
 
     # The recurrences are latency-bound (one warp walks all tokens), so work is issued ahead of its use: the inputs
-    # PF tokens ahead are prefetched into L1, the loads of u, B, C are issued one token ahead, delta two tokens
-    # ahead, and dt = softplus(delta + bias) (a chain of ~20 dependent instructions) one token ahead, so that it
-    # overlaps the current token's exps instead of preceding them.
+    # PF tokens ahead are prefetched into L1, u is loaded one token ahead and delta two, and dt = softplus(delta +
+    # bias) (a chain of ~20 dependent instructions) is computed one token ahead, so that it overlaps the current
+    # token's exps instead of preceding them. B and C (2 x 16 registers a direction) are loaded at use: a token
+    # ahead they do not fit the register cap (ptxas then sinks those loads to the end of the loop, where the
+    # rotation of the loop-carried registers waits for them).
     last = t0 + T - 1
     half = T // 2
     # first half: each direction parks its y where the other direction will arrive later
-    if AHEAD:
-        ua, Ba, Ca = _load_ubc(u0 + t0 * su_l, B0 + t0 * sB_l, C0 + t0 * sC_l, me, mn, EVEN_N)
-        ub, Bb, Cb = _load_ubc(u1 + last * su_l, B1 + last * sB_l, C1 + last * sC_l, me, mn, EVEN_N)
+    ua = _load_x(u0 + t0 * su_l, me)
+    ub = _load_x(u1 + last * su_l, me)
     dta = _softplus(_load_x(d0 + t0 * sd_l, me) + bias0, FAST)
     dtb = _softplus(_load_x(d1 + last * sd_l, me) + bias1, FAST)
     xa = _load_x(d0 + tl.minimum(t0 + 1, last) * sd_l, me)
@@ -362,14 +365,12 @@ def _scan_fwd_kernel(
     for s in range(0, half):
         tf = t0 + s
         tb = last - s
-        if AHEAD:
-            una, Bna, Cna = _load_ubc(u0 + (tf + 1) * su_l, B0 + (tf + 1) * sB_l, C0 + (tf + 1) * sC_l, me, mn, EVEN_N)
-            unb, Bnb, Cnb = _load_ubc(u1 + (tb - 1) * su_l, B1 + (tb - 1) * sB_l, C1 + (tb - 1) * sC_l, me, mn, EVEN_N)
-        else:
-            ua, Ba, Ca = _load_ubc(u0 + tf * su_l, B0 + tf * sB_l, C0 + tf * sC_l, me, mn, EVEN_N)
-            ub, Bb, Cb = _load_ubc(u1 + tb * su_l, B1 + tb * sB_l, C1 + tb * sC_l, me, mn, EVEN_N)
+        una = _load_x(u0 + (tf + 1) * su_l, me)
+        unb = _load_x(u1 + (tb - 1) * su_l, me)
         xna = _load_x(d0 + tl.minimum(tf + 2, last) * sd_l, me)
         xnb = _load_x(d1 + tl.maximum(tb - 2, t0) * sd_l, me)
+        Ba, Ca = _load_n(B0 + tf * sB_l, mn, EVEN_N), _load_n(C0 + tf * sC_l, mn, EVEN_N)
+        Bb, Cb = _load_n(B1 + tb * sB_l, mn, EVEN_N), _load_n(C1 + tb * sC_l, mn, EVEN_N)
         if PF > 0:
             pa = tl.minimum(tf + PF, last)
             pb = tl.maximum(tb - PF, t0)
@@ -381,20 +382,16 @@ def _scan_fwd_kernel(
         h1, y1 = _fwd_step_dt(h1, A1, D1, dtb, ub, Bb, Cb, LOG_N)
         tl.store(pr + tf * so_l, y0, mask=me)
         tl.store(pr + tb * so_l, y1, mask=me)
-        if AHEAD:
-            ua, Ba, Ca = una, Bna, Cna
-            ub, Bb, Cb = unb, Bnb, Cnb
-        dta, xa = dtna, xna
-        dtb, xb = dtnb, xnb
+        ua, dta, xa = una, dtna, xna
+        ub, dtb, xb = unb, dtnb, xnb
     # second half: meet the parked value, gate, average, write (the middle token of an odd chunk meets in registers).
-    # Its first token's inputs are loaded again rather than carried over from the first loop: carried, Triton 3.6
-    # gives B and C a second layout, loads them twice in the first loop and converts them through shared memory at
-    # every token of the second. Past the chunk's end the loads repeat its last token (unused).
+    # Its first token's inputs are loaded again rather than carried over from the first loop (carried values have
+    # given Triton 3.6 a second layout and shared-memory conversions at every token). Past the chunk's end the loads
+    # repeat its last token (unused).
     ta = t0 + half
     tb0 = last - half
-    if AHEAD:
-        ua, Ba, Ca = _load_ubc(u0 + ta * su_l, B0 + ta * sB_l, C0 + ta * sC_l, me, mn, EVEN_N)
-        ub, Bb, Cb = _load_ubc(u1 + tb0 * su_l, B1 + tb0 * sB_l, C1 + tb0 * sC_l, me, mn, EVEN_N)
+    ua = _load_x(u0 + ta * su_l, me)
+    ub = _load_x(u1 + tb0 * su_l, me)
     dta = _softplus(_load_x(d0 + ta * sd_l, me) + bias0, FAST)
     dtb = _softplus(_load_x(d1 + tb0 * sd_l, me) + bias1, FAST)
     xa = _load_x(d0 + tl.minimum(ta + 1, last) * sd_l, me)
@@ -402,16 +399,12 @@ def _scan_fwd_kernel(
     for s in range(half, T):
         tf = t0 + s
         tb = last - s
-        if AHEAD:
-            nf = tl.minimum(tf + 1, last)
-            nb = tl.maximum(tb - 1, t0)
-            una, Bna, Cna = _load_ubc(u0 + nf * su_l, B0 + nf * sB_l, C0 + nf * sC_l, me, mn, EVEN_N)
-            unb, Bnb, Cnb = _load_ubc(u1 + nb * su_l, B1 + nb * sB_l, C1 + nb * sC_l, me, mn, EVEN_N)
-        else:
-            ua, Ba, Ca = _load_ubc(u0 + tf * su_l, B0 + tf * sB_l, C0 + tf * sC_l, me, mn, EVEN_N)
-            ub, Bb, Cb = _load_ubc(u1 + tb * su_l, B1 + tb * sB_l, C1 + tb * sC_l, me, mn, EVEN_N)
+        una = _load_x(u0 + tl.minimum(tf + 1, last) * su_l, me)
+        unb = _load_x(u1 + tl.maximum(tb - 1, t0) * su_l, me)
         xna = _load_x(d0 + tl.minimum(tf + 2, last) * sd_l, me)
         xnb = _load_x(d1 + tl.maximum(tb - 2, t0) * sd_l, me)
+        Ba, Ca = _load_n(B0 + tf * sB_l, mn, EVEN_N), _load_n(C0 + tf * sC_l, mn, EVEN_N)
+        Bb, Cb = _load_n(B1 + tb * sB_l, mn, EVEN_N), _load_n(C1 + tb * sC_l, mn, EVEN_N)
         if PF > 0:                                   # here also z and the parked y (written in the first half)
             pa = tl.minimum(tf + PF, last)
             pb = tl.maximum(tb - PF, t0)
@@ -438,11 +431,8 @@ def _scan_fwd_kernel(
         if SAVE_YSUM:
             tl.store(yrow + tf * so_l, _cast(s0, ysum_ptr.dtype.element_ty, FAST), mask=me)
             tl.store(yrow + tb * so_l, _cast(s1, ysum_ptr.dtype.element_ty, FAST), mask=mo)
-        if AHEAD:
-            ua, Ba, Ca = una, Bna, Cna
-            ub, Bb, Cb = unb, Bnb, Cnb
-        dta, xa = dtna, xna
-        dtb, xb = dtnb, xnb
+        ua, dta, xa = una, dtna, xna
+        ub, dtb, xb = unb, dtnb, xnb
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -554,23 +544,34 @@ def _col_sum_rows(n, col, SCATTER: tl.constexpr, LOG_C: tl.constexpr):
 def _sweep(h, A2, bias, p_start, p_end, T, tbase, tstep, u_p, d_p, B_p, su_l, sd_l, sB_l, me, mn, ck, ck_off,
            z_p, g_p, sz_l, sg_l, dC_p, mC, col, NN, Br, Cr, y_p, sC_l, sy_l, d,
            EVERY: tl.constexpr, TILE: tl.constexpr, EVEN_N: tl.constexpr, FAST: tl.constexpr, WITH_DC: tl.constexpr,
-           SCATTER: tl.constexpr, LOG_C: tl.constexpr, PF: tl.constexpr, PF_BACK: tl.constexpr):
+           SCATTER: tl.constexpr, LOG_C: tl.constexpr, PF: tl.constexpr, PF_BACK: tl.constexpr,
+           PF_LEVEL: tl.constexpr):
     """Forward recurrence over scan positions [p_start, p_end), storing the state before every EVERY-th position
-    (counted from p_start) to ck; the loads of position p + 1 are issued before the arithmetic of p.
+    (counted from p_start) to ck.
     WITH_DC: also dC_t = sum over channels of h_t * dy_t (this block's partial, reduce-scattered over the columns).
-    Prefetches into L1: with PF > 0 what this sweep reads PF positions ahead; with PF_BACK > 0 everything the
-    backward reads at position p - PF_BACK (the block walked next: u, delta, B, C, z, dout, ysum)."""
+    Prefetches: with PF > 0 what this sweep reads PF positions ahead (into L1); with PF_BACK > 0 everything the
+    backward reads at position p - PF_BACK (the block walked next: u, delta, B, C, z, dout, ysum), into L1 or L2
+    (PF_LEVEL). A chunk's inputs outgrow L2 between phase 1 and phase 2 (1,056 resident programs x ~90 KB at Vim-T
+    224), so the re-sweeps read DRAM; into L1 they evict the block being walked."""
     t = tbase + p_start * tstep
-    u = tl.load(u_p + t * su_l, mask=me, other=0.0).to(tl.float32)
-    x = tl.load(d_p + t * sd_l, mask=me, other=0.0).to(tl.float32)
+    u = _load_x(u_p + t * su_l, me)
     Bt = _load_n(B_p + t * sB_l, mn, EVEN_N)
+    dt = _softplus(_load_x(d_p + t * sd_l, me) + bias, FAST)
+    x = _load_x(d_p + (tbase + tl.minimum(p_start + 1, T - 1) * tstep) * sd_l, me)
+    if WITH_DC:
+        zz = _load_x(z_p + t * sz_l, me)
+        g = _load_x(g_p + t * sg_l, me)
     for p in range(p_start, p_end):
         if (p - p_start) % EVERY == 0:
             tl.store(ck + ((p - p_start) // EVERY) * TILE + ck_off, h)
+        # u, B, z, dout a position ahead, delta two, dt = softplus(delta + bias) one (off the recurrence's path)
         tn = tbase + tl.minimum(p + 1, T - 1) * tstep
-        un = tl.load(u_p + tn * su_l, mask=me, other=0.0).to(tl.float32)
-        xn = tl.load(d_p + tn * sd_l, mask=me, other=0.0).to(tl.float32)
+        un = _load_x(u_p + tn * su_l, me)
         Bn = _load_n(B_p + tn * sB_l, mn, EVEN_N)
+        xn = _load_x(d_p + (tbase + tl.minimum(p + 2, T - 1) * tstep) * sd_l, me)
+        if WITH_DC:
+            zn = _load_x(z_p + tn * sz_l, me)
+            gn = _load_x(g_p + tn * sg_l, me)
         if PF > 0:
             tp = tbase + tl.minimum(p + PF, T - 1) * tstep
             _prefetch(u_p + tp * su_l, me, FAST)
@@ -578,20 +579,18 @@ def _sweep(h, A2, bias, p_start, p_end, T, tbase, tstep, u_p, d_p, B_p, su_l, sd
             _prefetch(Br + tp * sB_l, None, FAST)
         if PF_BACK > 0:
             tp = tbase + tl.maximum(p - PF_BACK, 0) * tstep
-            _prefetch_token(u_p + tp * su_l, d_p + tp * sd_l, Br + tp * sB_l, Cr + tp * sC_l, me, FAST)
-            _prefetch(z_p + tp * sz_l, me, FAST)
-            _prefetch(g_p + tp * sg_l, me, FAST)
+            _prefetch_token(u_p + tp * su_l, d_p + tp * sd_l, Br + tp * sB_l, Cr + tp * sC_l, me, FAST, PF_LEVEL)
+            _prefetch(z_p + tp * sz_l, me, FAST, PF_LEVEL)
+            _prefetch(g_p + tp * sg_l, me, FAST, PF_LEVEL)
             if d == 0:
-                _prefetch(y_p + tp * sy_l, me, FAST)
-        dt = _softplus(x + bias, FAST)
+                _prefetch(y_p + tp * sy_l, me, FAST, PF_LEVEL)
+        dtn = _softplus(x + bias, FAST)
         h = tl.exp2(dt[None, :] * A2) * h + (dt * u)[None, :] * Bt[:, None]
         if WITH_DC:
-            t = tbase + p * tstep
-            zz = tl.load(z_p + t * sz_l, mask=me, other=0.0).to(tl.float32)
-            g = tl.load(g_p + t * sg_l, mask=me, other=0.0).to(tl.float32)
             dy = g * zz * _sigmoid(zz) * 0.5
-            tl.store(dC_p + t * NN, _col_sum(h * dy[None, :], col, SCATTER, LOG_C), mask=mC)
-        u, x, Bt = un, xn, Bn
+            tl.store(dC_p + (tbase + p * tstep) * NN, _col_sum(h * dy[None, :], col, SCATTER, LOG_C), mask=mC)
+            zz, g = zn, gn
+        u, Bt, dt, x = un, Bn, dtn, xn
     return h
 
 
@@ -617,7 +616,8 @@ def _scan_bwd_kernel(
     zero,
     # meta-parameters
     BLOCK_E: tl.constexpr, LOG_C: tl.constexpr, BLOCK_N: tl.constexpr, SCATTER: tl.constexpr, CK: tl.constexpr,
-    SEG: tl.constexpr, HAS_CARRY: tl.constexpr, EVEN_N: tl.constexpr, PF: tl.constexpr, FAST: tl.constexpr,
+    SEG: tl.constexpr, HAS_CARRY: tl.constexpr, EVEN_N: tl.constexpr, PF: tl.constexpr, PF_BLOCK: tl.constexpr,
+    FAST: tl.constexpr,
 ):
     NSUB: tl.constexpr = (CK + SEG - 1) // SEG
     TILE: tl.constexpr = BLOCK_E * BLOCK_N
@@ -687,7 +687,7 @@ def _scan_bwd_kernel(
         h = tl.zeros([BLOCK_N, BLOCK_E], tl.float32)
     _sweep(h, A2, bias, 0, T, T, tbase, tstep, u_p, d_p, B_p, su_l, sd_l, sB_l, me, mn, ck, ck_off,
            z_p, g_p, sz_l, sg_l, dC_p, mBC, col, N, Br, Cr, y_p, sC_l, sy_l, d,
-           CK, TILE, EVEN_N, FAST, False, SCATTER, LOG_C, PF, 0)
+           CK, TILE, EVEN_N, FAST, False, SCATTER, LOG_C, PF, 0, 1)
 
     # phase 2: CK blocks from the last; each is re-swept into level-2 checkpoints (producing dC on the way), then its
     # SEG-token sub-blocks are recomputed into registers (the stash) and walked backwards (producing the rest)
@@ -703,7 +703,7 @@ def _scan_bwd_kernel(
             _prefetch(ck + tl.maximum(jb - 1, 0) * TILE + ck_off, None, FAST)
         h = _sweep(h, A2, bias, pb, tl.minimum(pb + CK, T), T, tbase, tstep, u_p, d_p, B_p, su_l, sd_l, sB_l, me, mn,
                    ck2, ck_off, z_p, g_p, sz_l, sg_l, dC_p, mBC, col, N, Br, Cr, y_p, sC_l, sy_l, d,
-                   SEG, TILE, EVEN_N, FAST, True, SCATTER, LOG_C, 0, CK if PF > 0 else 0)
+                   SEG, TILE, EVEN_N, FAST, True, SCATTER, LOG_C, 0, CK if PF_BLOCK > 0 else 0, PF_BLOCK)
         nsub = tl.cdiv(tl.minimum(CK, T - pb), SEG)
         for jsr in range(0, nsub):
             js = nsub - 1 - jsr
@@ -779,9 +779,8 @@ _BWD_WARPS = 1           # backward: warps per program (> 1 splits the N states 
 _BWD_BLOCK_E = 32        # backward: channels per program (16, 8: a channel's N states split over 2, 4 lanes)
 _CK = 16                 # backward: tokens per level-1 checkpoint
 _SEG = 2                 # backward: tokens per level-2 checkpoint (the register stash holds SEG states)
-_FWD_AHEAD = False       # forward: u, B, C loaded into registers a token ahead (else at use, from L1 with _PF)
-_PF = 4                  # tokens ahead that the sequential loops prefetch into L1 (0: no prefetch); the backward's
-                         # block re-sweeps then also prefetch the block walked next
+_PF = 4                  # tokens ahead that the sequential loops prefetch into L1 (0: no prefetch)
+_BWD_PF_BLOCK = 2        # backward: the block re-sweeps prefetch the block walked next into L1 (1), L2 (2), not (0)
 
 
 def _scatter_levels(block_n, block_e, warps):
@@ -889,7 +888,7 @@ def _scan_fwd(u, delta, A, B, C, D, z, delta_bias, chunk_size=None, save=False):
             batch, E, L, N, chunk, nchunks,
             *u.stride(), *delta.stride(), *B.stride(), *C.stride(), *z.stride(), *out.stride(), 0,
             BLOCK_E=BLOCK_E, BLOCK_N=BLOCK_N, LOG_N=BLOCK_N.bit_length() - 1, HAS_CARRY=nchunks > 1, SAVE_YSUM=save,
-            EVEN_N=BLOCK_N == N, PF=_PF, AHEAD=_FWD_AHEAD, FAST=u.is_cuda,
+            EVEN_N=BLOCK_N == N, PF=_PF, FAST=u.is_cuda,
             num_warps=_FWD_WARPS, **_launch_opts(u, _FWD_MAXNREG),
         )
     return out, (ysum if save else None), hin, chunk
@@ -947,7 +946,8 @@ def _scan_bwd(dout, u, delta, A, B, C, D, z, delta_bias, ysum, hin, chunk, seg=N
             0,
             BLOCK_E=BLOCK_E, LOG_C=BLOCK_E.bit_length() - 1, BLOCK_N=BLOCK_N,
             SCATTER=_scatter_levels(BLOCK_N, BLOCK_E, _BWD_WARPS), CK=CK, SEG=SEG, HAS_CARRY=nchunks > 1,
-            EVEN_N=BLOCK_N == N, PF=_PF, FAST=u.is_cuda, num_warps=_BWD_WARPS, **_launch_opts(u, _BWD_MAXNREG),
+            EVEN_N=BLOCK_N == N, PF=_PF, PF_BLOCK=_BWD_PF_BLOCK, FAST=u.is_cuda, num_warps=_BWD_WARPS,
+            **_launch_opts(u, _BWD_MAXNREG),
         )
     dB = dB_part.sum(0).transpose(-1, -2)
     dC = dC_part.sum(0).transpose(-1, -2)
