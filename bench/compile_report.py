@@ -8,7 +8,7 @@ constexprs a real call gives it (FAST paths included). Nothing is executed on a 
 register count or a loop's instruction count is a reason to time a setting on the GPU, not a result
 (`bench/sweep_scan_bwd.py` times them). `bench/NOTES_scan.md` has what earlier reports showed.
 
-    python bench/compile_report.py [--shape 2,384,197] [--settings shipped 16,2,0,1,16 PF=0,BWD_PF_BLOCK=1 ...]
+    python bench/compile_report.py [--shape 2,384,197] [--settings shipped 16,2,0,1,16 PF=0,WAVES=2 ...]
     (settings as in sweep_scan_bwd.py: "shipped", CK,SEG,MAXNREG[,WARPS[,BLOCK_E]] or named knobs)
 """
 import argparse

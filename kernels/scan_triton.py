@@ -9,8 +9,9 @@ What is fused
   value and the program writes out = silu(z) (y_fwd + y_bwd) / 2 (and y_fwd + y_bwd in u's dtype, saved for dz).
   State is fp32 in registers as an [N, channels] tile: channels over the 32 lanes, all N of a channel in one lane
   (reductions over N stay in-thread; a token's loads are coalesced for token-major inputs). Any strides are accepted.
-  The loop is latency-bound, so the next token's loads are issued before this token's arithmetic.
-- Long sequences are cut into chunks processed in parallel (only as far as needed to fill the GPU twice, and never
+  The loop is bound by load latency: every sequential loop prefetches its inputs a few tokens ahead into L1
+  (`_prefetch`, no registers), loads the small per-channel values a token ahead and computes dt a token ahead.
+- Long sequences are cut into chunks processed in parallel (only as far as needed to fill the GPU once, and never
   below 256 tokens): `_fwd_chunk_state_kernel` scans each chunk from a zero state (end state, exp(A sum dt)),
   `_chunk_combine_kernel` carries states across chunks, the main kernel starts from the carried state.
 - Backward (one direction per program): gradients of u, delta, A, B, C, D, z and delta_bias. It needs h_{t-1} while
@@ -96,28 +97,19 @@ def _cast(x, dtype: tl.constexpr, FAST: tl.constexpr):
 
 
 @triton.jit
-def _prefetch(ptrs, mask, FAST: tl.constexpr, LEVEL: tl.constexpr = 1):
-    """Hint to bring the lines at ptrs (a tensor, or a scalar: e.g. a B or C row of N fp32, one line) into L1 (LEVEL
-    1) or L2 (LEVEL 2): no registers, no wait. The loops are bound by load latency, and a value loaded ahead into
-    registers costs registers that the loops do not have. mask None: all addresses valid. The interpreter has no
-    inline assembly, so there the addresses are loaded and discarded instead (the tests' bounds check sees them)."""
+def _prefetch(ptrs, mask, FAST: tl.constexpr):
+    """Hint to bring the lines at ptrs (a tensor, or a scalar: e.g. a B or C row of N fp32, one line) into L1: no
+    registers, no wait. The loops are bound by load latency, and a value loaded ahead into registers costs registers
+    that the loops do not have. mask None: all addresses valid. The interpreter has no inline assembly, so there the
+    addresses are loaded and discarded instead (the tests' bounds check sees them)."""
     if FAST:
         if mask is None:
-            if LEVEL == 1:
-                tl.inline_asm_elementwise("{ prefetch.global.L1 [$1]; mov.u32 $0, 0; }", "=r,l", [ptrs],
-                                          dtype=tl.int32, is_pure=False, pack=1)
-            else:
-                tl.inline_asm_elementwise("{ prefetch.global.L2 [$1]; mov.u32 $0, 0; }", "=r,l", [ptrs],
-                                          dtype=tl.int32, is_pure=False, pack=1)
+            tl.inline_asm_elementwise("{ prefetch.global.L1 [$1]; mov.u32 $0, 0; }", "=r,l", [ptrs],
+                                      dtype=tl.int32, is_pure=False, pack=1)
         else:
-            if LEVEL == 1:
-                tl.inline_asm_elementwise(
-                    "{ .reg .pred p; setp.ne.b32 p, $2, 0; @p prefetch.global.L1 [$1]; mov.u32 $0, 0; }", "=r,l,r",
-                    [ptrs, mask.to(tl.int32)], dtype=tl.int32, is_pure=False, pack=1)
-            else:
-                tl.inline_asm_elementwise(
-                    "{ .reg .pred p; setp.ne.b32 p, $2, 0; @p prefetch.global.L2 [$1]; mov.u32 $0, 0; }", "=r,l,r",
-                    [ptrs, mask.to(tl.int32)], dtype=tl.int32, is_pure=False, pack=1)
+            tl.inline_asm_elementwise(
+                "{ .reg .pred p; setp.ne.b32 p, $2, 0; @p prefetch.global.L1 [$1]; mov.u32 $0, 0; }", "=r,l,r",
+                [ptrs, mask.to(tl.int32)], dtype=tl.int32, is_pure=False, pack=1)
     else:
         tl.load(ptrs, mask=mask)
 
@@ -174,12 +166,12 @@ def _load_x(d_ptrs, me):
 
 
 @triton.jit
-def _prefetch_token(u_ptrs, d_ptrs, B_row, C_row, me, FAST: tl.constexpr, LEVEL: tl.constexpr = 1):
+def _prefetch_token(u_ptrs, d_ptrs, B_row, C_row, me, FAST: tl.constexpr):
     """Prefetch one token of one direction: u, delta ([BE] pointers) and the B, C rows (scalar addresses)."""
-    _prefetch(u_ptrs, me, FAST, LEVEL)
-    _prefetch(d_ptrs, me, FAST, LEVEL)
-    _prefetch(B_row, None, FAST, LEVEL)
-    _prefetch(C_row, None, FAST, LEVEL)
+    _prefetch(u_ptrs, me, FAST)
+    _prefetch(d_ptrs, me, FAST)
+    _prefetch(B_row, None, FAST)
+    _prefetch(C_row, None, FAST)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -544,15 +536,13 @@ def _col_sum_rows(n, col, SCATTER: tl.constexpr, LOG_C: tl.constexpr):
 def _sweep(h, A2, bias, p_start, p_end, T, tbase, tstep, u_p, d_p, B_p, su_l, sd_l, sB_l, me, mn, ck, ck_off,
            z_p, g_p, sz_l, sg_l, dC_p, mC, col, NN, Br, Cr, y_p, sC_l, sy_l, d,
            EVERY: tl.constexpr, TILE: tl.constexpr, EVEN_N: tl.constexpr, FAST: tl.constexpr, WITH_DC: tl.constexpr,
-           SCATTER: tl.constexpr, LOG_C: tl.constexpr, PF: tl.constexpr, PF_BACK: tl.constexpr,
-           PF_LEVEL: tl.constexpr):
+           SCATTER: tl.constexpr, LOG_C: tl.constexpr, PF: tl.constexpr):
     """Forward recurrence over scan positions [p_start, p_end), storing the state before every EVERY-th position
     (counted from p_start) to ck.
     WITH_DC: also dC_t = sum over channels of h_t * dy_t (this block's partial, reduce-scattered over the columns).
-    Prefetches: with PF > 0 what this sweep reads PF positions ahead (into L1); with PF_BACK > 0 everything the
-    backward reads at position p - PF_BACK (the block walked next: u, delta, B, C, z, dout, ysum), into L1 or L2
-    (PF_LEVEL). A chunk's inputs outgrow L2 between phase 1 and phase 2 (1,056 resident programs x ~90 KB at Vim-T
-    224), so the re-sweeps read DRAM; into L1 they evict the block being walked."""
+    PF > 0: prefetches into L1 what this sweep reads PF positions ahead and, in the re-sweep (WITH_DC), C and ysum
+    of the position, which the walk back over the block reads next. (Prefetching the next block during this one
+    was slower, into L1 or L2: in L1 it evicts the block being walked.)"""
     t = tbase + p_start * tstep
     u = _load_x(u_p + t * su_l, me)
     Bt = _load_n(B_p + t * sB_l, mn, EVEN_N)
@@ -577,13 +567,13 @@ def _sweep(h, A2, bias, p_start, p_end, T, tbase, tstep, u_p, d_p, B_p, su_l, sd
             _prefetch(u_p + tp * su_l, me, FAST)
             _prefetch(d_p + tp * sd_l, me, FAST)
             _prefetch(Br + tp * sB_l, None, FAST)
-        if PF_BACK > 0:
-            tp = tbase + tl.maximum(p - PF_BACK, 0) * tstep
-            _prefetch_token(u_p + tp * su_l, d_p + tp * sd_l, Br + tp * sB_l, Cr + tp * sC_l, me, FAST, PF_LEVEL)
-            _prefetch(z_p + tp * sz_l, me, FAST, PF_LEVEL)
-            _prefetch(g_p + tp * sg_l, me, FAST, PF_LEVEL)
-            if d == 0:
-                _prefetch(y_p + tp * sy_l, me, FAST, PF_LEVEL)
+            if WITH_DC:  # also z, dout ahead, and what the walk back over this block reads besides (C, ysum)
+                _prefetch(z_p + tp * sz_l, me, FAST)
+                _prefetch(g_p + tp * sg_l, me, FAST)
+                t = tbase + p * tstep
+                _prefetch(Cr + t * sC_l, None, FAST)
+                if d == 0:
+                    _prefetch(y_p + t * sy_l, me, FAST)
         dtn = _softplus(x + bias, FAST)
         h = tl.exp2(dt[None, :] * A2) * h + (dt * u)[None, :] * Bt[:, None]
         if WITH_DC:
@@ -616,8 +606,7 @@ def _scan_bwd_kernel(
     zero,
     # meta-parameters
     BLOCK_E: tl.constexpr, LOG_C: tl.constexpr, BLOCK_N: tl.constexpr, SCATTER: tl.constexpr, CK: tl.constexpr,
-    SEG: tl.constexpr, HAS_CARRY: tl.constexpr, EVEN_N: tl.constexpr, PF: tl.constexpr, PF_BLOCK: tl.constexpr,
-    FAST: tl.constexpr,
+    SEG: tl.constexpr, HAS_CARRY: tl.constexpr, EVEN_N: tl.constexpr, PF: tl.constexpr, FAST: tl.constexpr,
 ):
     NSUB: tl.constexpr = (CK + SEG - 1) // SEG
     TILE: tl.constexpr = BLOCK_E * BLOCK_N
@@ -687,7 +676,7 @@ def _scan_bwd_kernel(
         h = tl.zeros([BLOCK_N, BLOCK_E], tl.float32)
     _sweep(h, A2, bias, 0, T, T, tbase, tstep, u_p, d_p, B_p, su_l, sd_l, sB_l, me, mn, ck, ck_off,
            z_p, g_p, sz_l, sg_l, dC_p, mBC, col, N, Br, Cr, y_p, sC_l, sy_l, d,
-           CK, TILE, EVEN_N, FAST, False, SCATTER, LOG_C, PF, 0, 1)
+           CK, TILE, EVEN_N, FAST, False, SCATTER, LOG_C, PF)
 
     # phase 2: CK blocks from the last; each is re-swept into level-2 checkpoints (producing dC on the way), then its
     # SEG-token sub-blocks are recomputed into registers (the stash) and walked backwards (producing the rest)
@@ -703,7 +692,7 @@ def _scan_bwd_kernel(
             _prefetch(ck + tl.maximum(jb - 1, 0) * TILE + ck_off, None, FAST)
         h = _sweep(h, A2, bias, pb, tl.minimum(pb + CK, T), T, tbase, tstep, u_p, d_p, B_p, su_l, sd_l, sB_l, me, mn,
                    ck2, ck_off, z_p, g_p, sz_l, sg_l, dC_p, mBC, col, N, Br, Cr, y_p, sC_l, sy_l, d,
-                   SEG, TILE, EVEN_N, FAST, True, SCATTER, LOG_C, 0, CK if PF_BLOCK > 0 else 0, PF_BLOCK)
+                   SEG, TILE, EVEN_N, FAST, True, SCATTER, LOG_C, PF)
         nsub = tl.cdiv(tl.minimum(CK, T - pb), SEG)
         for jsr in range(0, nsub):
             js = nsub - 1 - jsr
@@ -771,7 +760,7 @@ def _scan_bwd_kernel(
 # ----------------------------------------------------------------------------------------------------------------------
 _FWD_WARPS = 1           # forward: warps of 32 channels per program
 _TARGET_PROGRAMS = None  # forward programs wanted before chunking stops (None: _WAVES full waves on this GPU)
-_WAVES = 2
+_WAVES = 1
 _MIN_CHUNK = 256         # shorter sequences are never cut: a cut costs an extra sweep over the chunk
 _FWD_MAXNREG = 168       # register cap of the forward kernel: 12 one-warp programs per SM (all of Vim-T 224 at once)
 _BWD_MAXNREG = None      # register cap of the backward kernel (None: the compiler's choice)
@@ -780,7 +769,6 @@ _BWD_BLOCK_E = 32        # backward: channels per program (16, 8: a channel's N 
 _CK = 16                 # backward: tokens per level-1 checkpoint
 _SEG = 2                 # backward: tokens per level-2 checkpoint (the register stash holds SEG states)
 _PF = 4                  # tokens ahead that the sequential loops prefetch into L1 (0: no prefetch)
-_BWD_PF_BLOCK = 2        # backward: the block re-sweeps prefetch the block walked next into L1 (1), L2 (2), not (0)
 
 
 def _scatter_levels(block_n, block_e, warps):
@@ -946,8 +934,7 @@ def _scan_bwd(dout, u, delta, A, B, C, D, z, delta_bias, ysum, hin, chunk, seg=N
             0,
             BLOCK_E=BLOCK_E, LOG_C=BLOCK_E.bit_length() - 1, BLOCK_N=BLOCK_N,
             SCATTER=_scatter_levels(BLOCK_N, BLOCK_E, _BWD_WARPS), CK=CK, SEG=SEG, HAS_CARRY=nchunks > 1,
-            EVEN_N=BLOCK_N == N, PF=_PF, PF_BLOCK=_BWD_PF_BLOCK, FAST=u.is_cuda, num_warps=_BWD_WARPS,
-            **_launch_opts(u, _BWD_MAXNREG),
+            EVEN_N=BLOCK_N == N, PF=_PF, FAST=u.is_cuda, num_warps=_BWD_WARPS, **_launch_opts(u, _BWD_MAXNREG),
         )
     dB = dB_part.sum(0).transpose(-1, -2)
     dC = dC_part.sum(0).transpose(-1, -2)
