@@ -536,7 +536,8 @@ def _col_sum_rows(n, col, SCATTER: tl.constexpr, LOG_C: tl.constexpr):
 def _sweep(h, A2, bias, p_start, p_end, T, tbase, tstep, u_p, d_p, B_p, su_l, sd_l, sB_l, me, mn, ck, ck_off,
            z_p, g_p, sz_l, sg_l, dC_p, mC, col, NN, Br, Cr, y_p, sC_l, sy_l, d,
            EVERY: tl.constexpr, TILE: tl.constexpr, EVEN_N: tl.constexpr, FAST: tl.constexpr, WITH_DC: tl.constexpr,
-           SCATTER: tl.constexpr, LOG_C: tl.constexpr, PF: tl.constexpr):
+           SCATTER: tl.constexpr, LOG_C: tl.constexpr, PF: tl.constexpr, DEPTH: tl.constexpr,
+           B_AT_USE: tl.constexpr):
     """Forward recurrence over scan positions [p_start, p_end), storing the state before every EVERY-th position
     (counted from p_start) to ck.
     WITH_DC: also dC_t = sum over channels of h_t * dy_t (this block's partial, reduce-scattered over the columns).
@@ -545,23 +546,44 @@ def _sweep(h, A2, bias, p_start, p_end, T, tbase, tstep, u_p, d_p, B_p, su_l, sd
     was slower, into L1 or L2: in L1 it evicts the block being walked.)"""
     t = tbase + p_start * tstep
     u = _load_x(u_p + t * su_l, me)
-    Bt = _load_n(B_p + t * sB_l, mn, EVEN_N)
     dt = _softplus(_load_x(d_p + t * sd_l, me) + bias, FAST)
-    x = _load_x(d_p + (tbase + tl.minimum(p_start + 1, T - 1) * tstep) * sd_l, me)
+    if not B_AT_USE:
+        Bt = _load_n(B_p + t * sB_l, mn, EVEN_N)
     if WITH_DC:
         zz = _load_x(z_p + t * sz_l, me)
         g = _load_x(g_p + t * sg_l, me)
+    t1 = tbase + tl.minimum(p_start + 1, T - 1) * tstep
+    if DEPTH == 1:
+        x = _load_x(d_p + t1 * sd_l, me)
+    else:
+        u1 = _load_x(u_p + t1 * su_l, me)
+        x1 = _load_x(d_p + t1 * sd_l, me)
+        if WITH_DC:
+            z1 = _load_x(z_p + t1 * sz_l, me)
+            g1 = _load_x(g_p + t1 * sg_l, me)
     for p in range(p_start, p_end):
         if (p - p_start) % EVERY == 0:
             tl.store(ck + ((p - p_start) // EVERY) * TILE + ck_off, h)
-        # u, B, z, dout a position ahead, delta two, dt = softplus(delta + bias) one (off the recurrence's path)
+        # u, z, dout DEPTH positions ahead, delta DEPTH + 1, dt = softplus(delta + bias) one (off the recurrence's
+        # path); B a position ahead, or at use (from L1) with B_AT_USE
         tn = tbase + tl.minimum(p + 1, T - 1) * tstep
-        un = _load_x(u_p + tn * su_l, me)
-        Bn = _load_n(B_p + tn * sB_l, mn, EVEN_N)
-        xn = _load_x(d_p + (tbase + tl.minimum(p + 2, T - 1) * tstep) * sd_l, me)
-        if WITH_DC:
-            zn = _load_x(z_p + tn * sz_l, me)
-            gn = _load_x(g_p + tn * sg_l, me)
+        if DEPTH == 1:
+            un = _load_x(u_p + tn * su_l, me)
+            xn = _load_x(d_p + (tbase + tl.minimum(p + 2, T - 1) * tstep) * sd_l, me)
+            if WITH_DC:
+                zn = _load_x(z_p + tn * sz_l, me)
+                gn = _load_x(g_p + tn * sg_l, me)
+        else:
+            t2 = tbase + tl.minimum(p + 2, T - 1) * tstep
+            u2 = _load_x(u_p + t2 * su_l, me)
+            x2 = _load_x(d_p + t2 * sd_l, me)
+            if WITH_DC:
+                z2 = _load_x(z_p + t2 * sz_l, me)
+                g2 = _load_x(g_p + t2 * sg_l, me)
+        if B_AT_USE:
+            Bt = _load_n(B_p + (tbase + p * tstep) * sB_l, mn, EVEN_N)
+        else:
+            Bn = _load_n(B_p + tn * sB_l, mn, EVEN_N)
         if PF > 0:
             tp = tbase + tl.minimum(p + PF, T - 1) * tstep
             _prefetch(u_p + tp * su_l, me, FAST)
@@ -574,13 +596,25 @@ def _sweep(h, A2, bias, p_start, p_end, T, tbase, tstep, u_p, d_p, B_p, su_l, sd
                 _prefetch(Cr + t * sC_l, None, FAST)
                 if d == 0:
                     _prefetch(y_p + t * sy_l, me, FAST)
-        dtn = _softplus(x + bias, FAST)
+        if DEPTH == 1:
+            dtn = _softplus(x + bias, FAST)
+        else:
+            dtn = _softplus(x1 + bias, FAST)
         h = tl.exp2(dt[None, :] * A2) * h + (dt * u)[None, :] * Bt[:, None]
         if WITH_DC:
             dy = g * zz * _sigmoid(zz) * 0.5
             tl.store(dC_p + (tbase + p * tstep) * NN, _col_sum(h * dy[None, :], col, SCATTER, LOG_C), mask=mC)
-            zz, g = zn, gn
-        u, Bt, dt, x = un, Bn, dtn, xn
+        if DEPTH == 1:
+            u, x = un, xn
+            if WITH_DC:
+                zz, g = zn, gn
+        else:
+            u, u1, x1 = u1, u2, x2
+            if WITH_DC:
+                zz, g, z1, g1 = z1, g1, z2, g2
+        dt = dtn
+        if not B_AT_USE:
+            Bt = Bn
     return h
 
 
@@ -606,7 +640,8 @@ def _scan_bwd_kernel(
     zero,
     # meta-parameters
     BLOCK_E: tl.constexpr, LOG_C: tl.constexpr, BLOCK_N: tl.constexpr, SCATTER: tl.constexpr, CK: tl.constexpr,
-    SEG: tl.constexpr, HAS_CARRY: tl.constexpr, EVEN_N: tl.constexpr, PF: tl.constexpr, FAST: tl.constexpr,
+    SEG: tl.constexpr, HAS_CARRY: tl.constexpr, EVEN_N: tl.constexpr, PF: tl.constexpr, DEPTH: tl.constexpr,
+    B_AT_USE: tl.constexpr, FAST: tl.constexpr,
 ):
     NSUB: tl.constexpr = (CK + SEG - 1) // SEG
     TILE: tl.constexpr = BLOCK_E * BLOCK_N
@@ -676,7 +711,7 @@ def _scan_bwd_kernel(
         h = tl.zeros([BLOCK_N, BLOCK_E], tl.float32)
     _sweep(h, A2, bias, 0, T, T, tbase, tstep, u_p, d_p, B_p, su_l, sd_l, sB_l, me, mn, ck, ck_off,
            z_p, g_p, sz_l, sg_l, dC_p, mBC, col, N, Br, Cr, y_p, sC_l, sy_l, d,
-           CK, TILE, EVEN_N, FAST, False, SCATTER, LOG_C, PF)
+           CK, TILE, EVEN_N, FAST, False, SCATTER, LOG_C, PF, DEPTH, B_AT_USE)
 
     # phase 2: CK blocks from the last; each is re-swept into level-2 checkpoints (producing dC on the way), then its
     # SEG-token sub-blocks are recomputed into registers (the stash) and walked backwards (producing the rest)
@@ -692,7 +727,7 @@ def _scan_bwd_kernel(
             _prefetch(ck + tl.maximum(jb - 1, 0) * TILE + ck_off, None, FAST)
         h = _sweep(h, A2, bias, pb, tl.minimum(pb + CK, T), T, tbase, tstep, u_p, d_p, B_p, su_l, sd_l, sB_l, me, mn,
                    ck2, ck_off, z_p, g_p, sz_l, sg_l, dC_p, mBC, col, N, Br, Cr, y_p, sC_l, sy_l, d,
-                   SEG, TILE, EVEN_N, FAST, True, SCATTER, LOG_C, PF)
+                   SEG, TILE, EVEN_N, FAST, True, SCATTER, LOG_C, PF, DEPTH, B_AT_USE)
         nsub = tl.cdiv(tl.minimum(CK, T - pb), SEG)
         for jsr in range(0, nsub):
             js = nsub - 1 - jsr
@@ -769,6 +804,8 @@ _BWD_BLOCK_E = 32        # backward: channels per program (16, 8: a channel's N 
 _CK = 16                 # backward: tokens per level-1 checkpoint
 _SEG = 2                 # backward: tokens per level-2 checkpoint (the register stash holds SEG states)
 _PF = 4                  # tokens ahead that the sequential loops prefetch into L1 (0: no prefetch)
+_SWEEP_DEPTH = 2         # backward sweeps: u, z, dout loaded this many tokens ahead into registers
+_SWEEP_B_AT_USE = True   # backward sweeps: B loaded at use (from L1) instead of a token ahead
 
 
 def _scatter_levels(block_n, block_e, warps):
@@ -934,7 +971,8 @@ def _scan_bwd(dout, u, delta, A, B, C, D, z, delta_bias, ysum, hin, chunk, seg=N
             0,
             BLOCK_E=BLOCK_E, LOG_C=BLOCK_E.bit_length() - 1, BLOCK_N=BLOCK_N,
             SCATTER=_scatter_levels(BLOCK_N, BLOCK_E, _BWD_WARPS), CK=CK, SEG=SEG, HAS_CARRY=nchunks > 1,
-            EVEN_N=BLOCK_N == N, PF=_PF, FAST=u.is_cuda, num_warps=_BWD_WARPS, **_launch_opts(u, _BWD_MAXNREG),
+            EVEN_N=BLOCK_N == N, PF=_PF, DEPTH=_SWEEP_DEPTH, B_AT_USE=_SWEEP_B_AT_USE, FAST=u.is_cuda,
+            num_warps=_BWD_WARPS, **_launch_opts(u, _BWD_MAXNREG),
         )
     dB = dB_part.sum(0).transpose(-1, -2)
     dC = dC_part.sum(0).transpose(-1, -2)
