@@ -24,8 +24,7 @@ from kernels import bidirectional_scan, scan_triton  # noqa: E402
 
 DEFAULT_SETTINGS = ["shipped", "CK=8", "CK=32", "SEG=4"]
 POSITIONAL = ("CK", "SEG", "BWD_MAXNREG", "BWD_WARPS", "BWD_BLOCK_E")
-SHOWN = ("CK", "SEG", "BWD_MAXNREG", "BWD_WARPS", "BWD_BLOCK_E", "FWD_MAXNREG", "PF", "WAVES", "SWEEP_DEPTH",
-         "SWEEP_B_AT_USE")
+SHOWN = ("CK", "SEG", "BWD_MAXNREG", "BWD_WARPS", "BWD_BLOCK_E", "FWD_MAXNREG", "PF", "WAVES")
 
 
 def parse_setting(setting):

@@ -167,11 +167,40 @@ def _load_x(d_ptrs, me):
 
 @triton.jit
 def _prefetch_token(u_ptrs, d_ptrs, B_row, C_row, me, FAST: tl.constexpr):
-    """Prefetch one token of one direction: u, delta ([BE] pointers) and the B, C rows (scalar addresses)."""
+    """Prefetch one token of one direction: u, delta ([BE] pointers) and the B, C rows (scalar addresses; C_row
+    None: B only)."""
     _prefetch(u_ptrs, me, FAST)
     _prefetch(d_ptrs, me, FAST)
     _prefetch(B_row, None, FAST)
-    _prefetch(C_row, None, FAST)
+    if C_row is not None:
+        _prefetch(C_row, None, FAST)
+
+
+@triton.jit
+def _fwd_prologue(u0, u1, d0, d1, ta, tb, t0, last, su_l, sd_l, bias0, bias1, me, FAST: tl.constexpr):
+    """What the forward's loops carry into their first token (ta for direction 0, tb for direction 1): u, dt, and
+    the next token's delta."""
+    ua = _load_x(u0 + ta * su_l, me)
+    ub = _load_x(u1 + tb * su_l, me)
+    dta = _softplus(_load_x(d0 + ta * sd_l, me) + bias0, FAST)
+    dtb = _softplus(_load_x(d1 + tb * sd_l, me) + bias1, FAST)
+    xa = _load_x(d0 + tl.minimum(ta + 1, last) * sd_l, me)
+    xb = _load_x(d1 + tl.maximum(tb - 1, t0) * sd_l, me)
+    return ua, ub, dta, dtb, xa, xb
+
+
+@triton.jit
+def _fwd_loads(u0, u1, d0, d1, B0, B1, C0, C1, tf, tb, t0, last, su_l, sd_l, sB_l, sC_l, me, mn,
+               EVEN_N: tl.constexpr):
+    """A forward step's loads for tokens tf (direction 0) and tb (direction 1): u a token ahead, delta two, B and C
+    of the tokens themselves (past the chunk's ends: its last / first token, unused)."""
+    una = _load_x(u0 + tl.minimum(tf + 1, last) * su_l, me)
+    unb = _load_x(u1 + tl.maximum(tb - 1, t0) * su_l, me)
+    xna = _load_x(d0 + tl.minimum(tf + 2, last) * sd_l, me)
+    xnb = _load_x(d1 + tl.maximum(tb - 2, t0) * sd_l, me)
+    Ba, Ca = _load_n(B0 + tf * sB_l, mn, EVEN_N), _load_n(C0 + tf * sC_l, mn, EVEN_N)
+    Bb, Cb = _load_n(B1 + tb * sB_l, mn, EVEN_N), _load_n(C1 + tb * sC_l, mn, EVEN_N)
+    return una, unb, xna, xnb, Ba, Ca, Bb, Cb
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -228,9 +257,7 @@ def _fwd_chunk_state_kernel(
         Bn = _load_n(B_p + tn * sB_l, mn, EVEN_N)
         if PF > 0:
             tp = tbase + tl.minimum(p + PF, T - 1) * tstep
-            _prefetch(u_p + tp * su_l, me, FAST)
-            _prefetch(d_p + tp * sd_l, me, FAST)
-            _prefetch(Br + tp * sB_l, None, FAST)
+            _prefetch_token(u_p + tp * su_l, d_p + tp * sd_l, Br + tp * sB_l, None, me, FAST)
         dt = _softplus(x + bias, FAST)
         dtsum += dt
         h = tl.exp2(dt[None, :] * A2) * h + (dt * u)[None, :] * Bt[:, None]
@@ -348,21 +375,12 @@ def _scan_fwd_kernel(
     last = t0 + T - 1
     half = T // 2
     # first half: each direction parks its y where the other direction will arrive later
-    ua = _load_x(u0 + t0 * su_l, me)
-    ub = _load_x(u1 + last * su_l, me)
-    dta = _softplus(_load_x(d0 + t0 * sd_l, me) + bias0, FAST)
-    dtb = _softplus(_load_x(d1 + last * sd_l, me) + bias1, FAST)
-    xa = _load_x(d0 + tl.minimum(t0 + 1, last) * sd_l, me)
-    xb = _load_x(d1 + tl.maximum(last - 1, t0) * sd_l, me)
+    ua, ub, dta, dtb, xa, xb = _fwd_prologue(u0, u1, d0, d1, t0, last, t0, last, su_l, sd_l, bias0, bias1, me, FAST)
     for s in range(0, half):
         tf = t0 + s
         tb = last - s
-        una = _load_x(u0 + (tf + 1) * su_l, me)
-        unb = _load_x(u1 + (tb - 1) * su_l, me)
-        xna = _load_x(d0 + tl.minimum(tf + 2, last) * sd_l, me)
-        xnb = _load_x(d1 + tl.maximum(tb - 2, t0) * sd_l, me)
-        Ba, Ca = _load_n(B0 + tf * sB_l, mn, EVEN_N), _load_n(C0 + tf * sC_l, mn, EVEN_N)
-        Bb, Cb = _load_n(B1 + tb * sB_l, mn, EVEN_N), _load_n(C1 + tb * sC_l, mn, EVEN_N)
+        una, unb, xna, xnb, Ba, Ca, Bb, Cb = _fwd_loads(u0, u1, d0, d1, B0, B1, C0, C1, tf, tb, t0, last,
+                                                        su_l, sd_l, sB_l, sC_l, me, mn, EVEN_N)
         if PF > 0:
             pa = tl.minimum(tf + PF, last)
             pb = tl.maximum(tb - PF, t0)
@@ -378,25 +396,14 @@ def _scan_fwd_kernel(
         ub, dtb, xb = unb, dtnb, xnb
     # second half: meet the parked value, gate, average, write (the middle token of an odd chunk meets in registers).
     # Its first token's inputs are loaded again rather than carried over from the first loop (carried values have
-    # given Triton 3.6 a second layout and shared-memory conversions at every token). Past the chunk's end the loads
-    # repeat its last token (unused).
-    ta = t0 + half
-    tb0 = last - half
-    ua = _load_x(u0 + ta * su_l, me)
-    ub = _load_x(u1 + tb0 * su_l, me)
-    dta = _softplus(_load_x(d0 + ta * sd_l, me) + bias0, FAST)
-    dtb = _softplus(_load_x(d1 + tb0 * sd_l, me) + bias1, FAST)
-    xa = _load_x(d0 + tl.minimum(ta + 1, last) * sd_l, me)
-    xb = _load_x(d1 + tl.maximum(tb0 - 1, t0) * sd_l, me)
+    # given Triton 3.6 a second layout and shared-memory conversions at every token).
+    ua, ub, dta, dtb, xa, xb = _fwd_prologue(u0, u1, d0, d1, t0 + half, last - half, t0, last, su_l, sd_l, bias0,
+                                             bias1, me, FAST)
     for s in range(half, T):
         tf = t0 + s
         tb = last - s
-        una = _load_x(u0 + tl.minimum(tf + 1, last) * su_l, me)
-        unb = _load_x(u1 + tl.maximum(tb - 1, t0) * su_l, me)
-        xna = _load_x(d0 + tl.minimum(tf + 2, last) * sd_l, me)
-        xnb = _load_x(d1 + tl.maximum(tb - 2, t0) * sd_l, me)
-        Ba, Ca = _load_n(B0 + tf * sB_l, mn, EVEN_N), _load_n(C0 + tf * sC_l, mn, EVEN_N)
-        Bb, Cb = _load_n(B1 + tb * sB_l, mn, EVEN_N), _load_n(C1 + tb * sC_l, mn, EVEN_N)
+        una, unb, xna, xnb, Ba, Ca, Bb, Cb = _fwd_loads(u0, u1, d0, d1, B0, B1, C0, C1, tf, tb, t0, last,
+                                                        su_l, sd_l, sB_l, sC_l, me, mn, EVEN_N)
         if PF > 0:                                   # here also z and the parked y (written in the first half)
             pa = tl.minimum(tf + PF, last)
             pb = tl.maximum(tb - PF, t0)
@@ -536,8 +543,7 @@ def _col_sum_rows(n, col, SCATTER: tl.constexpr, LOG_C: tl.constexpr):
 def _sweep(h, A2, bias, p_start, p_end, T, tbase, tstep, u_p, d_p, B_p, su_l, sd_l, sB_l, me, mn, ck, ck_off,
            z_p, g_p, sz_l, sg_l, dC_p, mC, col, NN, Br, Cr, y_p, sC_l, sy_l, d,
            EVERY: tl.constexpr, TILE: tl.constexpr, EVEN_N: tl.constexpr, FAST: tl.constexpr, WITH_DC: tl.constexpr,
-           SCATTER: tl.constexpr, LOG_C: tl.constexpr, PF: tl.constexpr, DEPTH: tl.constexpr,
-           B_AT_USE: tl.constexpr):
+           SCATTER: tl.constexpr, LOG_C: tl.constexpr, PF: tl.constexpr):
     """Forward recurrence over scan positions [p_start, p_end), storing the state before every EVERY-th position
     (counted from p_start) to ck.
     WITH_DC: also dC_t = sum over channels of h_t * dy_t (this block's partial, reduce-scattered over the columns).
@@ -546,49 +552,26 @@ def _sweep(h, A2, bias, p_start, p_end, T, tbase, tstep, u_p, d_p, B_p, su_l, sd
     was slower, into L1 or L2: in L1 it evicts the block being walked.)"""
     t = tbase + p_start * tstep
     u = _load_x(u_p + t * su_l, me)
+    Bt = _load_n(B_p + t * sB_l, mn, EVEN_N)
     dt = _softplus(_load_x(d_p + t * sd_l, me) + bias, FAST)
-    if not B_AT_USE:
-        Bt = _load_n(B_p + t * sB_l, mn, EVEN_N)
+    x = _load_x(d_p + (tbase + tl.minimum(p_start + 1, T - 1) * tstep) * sd_l, me)
     if WITH_DC:
         zz = _load_x(z_p + t * sz_l, me)
         g = _load_x(g_p + t * sg_l, me)
-    t1 = tbase + tl.minimum(p_start + 1, T - 1) * tstep
-    if DEPTH == 1:
-        x = _load_x(d_p + t1 * sd_l, me)
-    else:
-        u1 = _load_x(u_p + t1 * su_l, me)
-        x1 = _load_x(d_p + t1 * sd_l, me)
-        if WITH_DC:
-            z1 = _load_x(z_p + t1 * sz_l, me)
-            g1 = _load_x(g_p + t1 * sg_l, me)
     for p in range(p_start, p_end):
         if (p - p_start) % EVERY == 0:
             tl.store(ck + ((p - p_start) // EVERY) * TILE + ck_off, h)
-        # u, z, dout DEPTH positions ahead, delta DEPTH + 1, dt = softplus(delta + bias) one (off the recurrence's
-        # path); B a position ahead, or at use (from L1) with B_AT_USE
+        # u, B, z, dout a position ahead, delta two, dt = softplus(delta + bias) one (off the recurrence's path)
         tn = tbase + tl.minimum(p + 1, T - 1) * tstep
-        if DEPTH == 1:
-            un = _load_x(u_p + tn * su_l, me)
-            xn = _load_x(d_p + (tbase + tl.minimum(p + 2, T - 1) * tstep) * sd_l, me)
-            if WITH_DC:
-                zn = _load_x(z_p + tn * sz_l, me)
-                gn = _load_x(g_p + tn * sg_l, me)
-        else:
-            t2 = tbase + tl.minimum(p + 2, T - 1) * tstep
-            u2 = _load_x(u_p + t2 * su_l, me)
-            x2 = _load_x(d_p + t2 * sd_l, me)
-            if WITH_DC:
-                z2 = _load_x(z_p + t2 * sz_l, me)
-                g2 = _load_x(g_p + t2 * sg_l, me)
-        if B_AT_USE:
-            Bt = _load_n(B_p + (tbase + p * tstep) * sB_l, mn, EVEN_N)
-        else:
-            Bn = _load_n(B_p + tn * sB_l, mn, EVEN_N)
+        un = _load_x(u_p + tn * su_l, me)
+        Bn = _load_n(B_p + tn * sB_l, mn, EVEN_N)
+        xn = _load_x(d_p + (tbase + tl.minimum(p + 2, T - 1) * tstep) * sd_l, me)
+        if WITH_DC:
+            zn = _load_x(z_p + tn * sz_l, me)
+            gn = _load_x(g_p + tn * sg_l, me)
         if PF > 0:
             tp = tbase + tl.minimum(p + PF, T - 1) * tstep
-            _prefetch(u_p + tp * su_l, me, FAST)
-            _prefetch(d_p + tp * sd_l, me, FAST)
-            _prefetch(Br + tp * sB_l, None, FAST)
+            _prefetch_token(u_p + tp * su_l, d_p + tp * sd_l, Br + tp * sB_l, None, me, FAST)
             if WITH_DC:  # also z, dout ahead, and what the walk back over this block reads besides (C, ysum)
                 _prefetch(z_p + tp * sz_l, me, FAST)
                 _prefetch(g_p + tp * sg_l, me, FAST)
@@ -596,25 +579,13 @@ def _sweep(h, A2, bias, p_start, p_end, T, tbase, tstep, u_p, d_p, B_p, su_l, sd
                 _prefetch(Cr + t * sC_l, None, FAST)
                 if d == 0:
                     _prefetch(y_p + t * sy_l, me, FAST)
-        if DEPTH == 1:
-            dtn = _softplus(x + bias, FAST)
-        else:
-            dtn = _softplus(x1 + bias, FAST)
+        dtn = _softplus(x + bias, FAST)
         h = tl.exp2(dt[None, :] * A2) * h + (dt * u)[None, :] * Bt[:, None]
         if WITH_DC:
             dy = g * zz * _sigmoid(zz) * 0.5
             tl.store(dC_p + (tbase + p * tstep) * NN, _col_sum(h * dy[None, :], col, SCATTER, LOG_C), mask=mC)
-        if DEPTH == 1:
-            u, x = un, xn
-            if WITH_DC:
-                zz, g = zn, gn
-        else:
-            u, u1, x1 = u1, u2, x2
-            if WITH_DC:
-                zz, g, z1, g1 = z1, g1, z2, g2
-        dt = dtn
-        if not B_AT_USE:
-            Bt = Bn
+            zz, g = zn, gn
+        u, Bt, dt, x = un, Bn, dtn, xn
     return h
 
 
@@ -640,8 +611,7 @@ def _scan_bwd_kernel(
     zero,
     # meta-parameters
     BLOCK_E: tl.constexpr, LOG_C: tl.constexpr, BLOCK_N: tl.constexpr, SCATTER: tl.constexpr, CK: tl.constexpr,
-    SEG: tl.constexpr, HAS_CARRY: tl.constexpr, EVEN_N: tl.constexpr, PF: tl.constexpr, DEPTH: tl.constexpr,
-    B_AT_USE: tl.constexpr, FAST: tl.constexpr,
+    SEG: tl.constexpr, HAS_CARRY: tl.constexpr, EVEN_N: tl.constexpr, PF: tl.constexpr, FAST: tl.constexpr,
 ):
     NSUB: tl.constexpr = (CK + SEG - 1) // SEG
     TILE: tl.constexpr = BLOCK_E * BLOCK_N
@@ -711,7 +681,7 @@ def _scan_bwd_kernel(
         h = tl.zeros([BLOCK_N, BLOCK_E], tl.float32)
     _sweep(h, A2, bias, 0, T, T, tbase, tstep, u_p, d_p, B_p, su_l, sd_l, sB_l, me, mn, ck, ck_off,
            z_p, g_p, sz_l, sg_l, dC_p, mBC, col, N, Br, Cr, y_p, sC_l, sy_l, d,
-           CK, TILE, EVEN_N, FAST, False, SCATTER, LOG_C, PF, DEPTH, B_AT_USE)
+           CK, TILE, EVEN_N, FAST, False, SCATTER, LOG_C, PF)
 
     # phase 2: CK blocks from the last; each is re-swept into level-2 checkpoints (producing dC on the way), then its
     # SEG-token sub-blocks are recomputed into registers (the stash) and walked backwards (producing the rest)
@@ -727,7 +697,7 @@ def _scan_bwd_kernel(
             _prefetch(ck + tl.maximum(jb - 1, 0) * TILE + ck_off, None, FAST)
         h = _sweep(h, A2, bias, pb, tl.minimum(pb + CK, T), T, tbase, tstep, u_p, d_p, B_p, su_l, sd_l, sB_l, me, mn,
                    ck2, ck_off, z_p, g_p, sz_l, sg_l, dC_p, mBC, col, N, Br, Cr, y_p, sC_l, sy_l, d,
-                   SEG, TILE, EVEN_N, FAST, True, SCATTER, LOG_C, PF, DEPTH, B_AT_USE)
+                   SEG, TILE, EVEN_N, FAST, True, SCATTER, LOG_C, PF)
         nsub = tl.cdiv(tl.minimum(CK, T - pb), SEG)
         for jsr in range(0, nsub):
             js = nsub - 1 - jsr
@@ -804,8 +774,6 @@ _BWD_BLOCK_E = 32        # backward: channels per program (16, 8: a channel's N 
 _CK = 16                 # backward: tokens per level-1 checkpoint
 _SEG = 2                 # backward: tokens per level-2 checkpoint (the register stash holds SEG states)
 _PF = 4                  # tokens ahead that the sequential loops prefetch into L1 (0: no prefetch)
-_SWEEP_DEPTH = 2         # backward sweeps: u, z, dout loaded this many tokens ahead into registers
-_SWEEP_B_AT_USE = True   # backward sweeps: B loaded at use (from L1) instead of a token ahead
 
 
 def _scatter_levels(block_n, block_e, warps):
@@ -971,8 +939,7 @@ def _scan_bwd(dout, u, delta, A, B, C, D, z, delta_bias, ysum, hin, chunk, seg=N
             0,
             BLOCK_E=BLOCK_E, LOG_C=BLOCK_E.bit_length() - 1, BLOCK_N=BLOCK_N,
             SCATTER=_scatter_levels(BLOCK_N, BLOCK_E, _BWD_WARPS), CK=CK, SEG=SEG, HAS_CARRY=nchunks > 1,
-            EVEN_N=BLOCK_N == N, PF=_PF, DEPTH=_SWEEP_DEPTH, B_AT_USE=_SWEEP_B_AT_USE, FAST=u.is_cuda,
-            num_warps=_BWD_WARPS, **_launch_opts(u, _BWD_MAXNREG),
+            EVEN_N=BLOCK_N == N, PF=_PF, FAST=u.is_cuda, num_warps=_BWD_WARPS, **_launch_opts(u, _BWD_MAXNREG),
         )
     dB = dB_part.sum(0).transpose(-1, -2)
     dC = dC_part.sum(0).transpose(-1, -2)
