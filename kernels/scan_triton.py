@@ -190,12 +190,12 @@ def _fwd_prologue(u0, u1, d0, d1, ta, tb, t0, last, su_l, sd_l, bias0, bias1, me
 
 
 @triton.jit
-def _fwd_loads(u0, u1, d0, d1, B0, B1, C0, C1, tf, tb, t0, last, su_l, sd_l, sB_l, sC_l, me, mn,
+def _fwd_loads(u0, u1, d0, d1, B0, B1, C0, C1, tf, tb, nf, nb, t0, last, su_l, sd_l, sB_l, sC_l, me, mn,
                EVEN_N: tl.constexpr):
-    """A forward step's loads for tokens tf (direction 0) and tb (direction 1): u a token ahead, delta two, B and C
-    of the tokens themselves (past the chunk's ends: its last / first token, unused)."""
-    una = _load_x(u0 + tl.minimum(tf + 1, last) * su_l, me)
-    unb = _load_x(u1 + tl.maximum(tb - 1, t0) * su_l, me)
+    """A forward step's loads for tokens tf (direction 0) and tb (direction 1): u of the next tokens nf, nb, delta
+    two ahead, B and C of the tokens themselves (past the chunk's ends: its last / first token, unused)."""
+    una = _load_x(u0 + nf * su_l, me)
+    unb = _load_x(u1 + nb * su_l, me)
     xna = _load_x(d0 + tl.minimum(tf + 2, last) * sd_l, me)
     xnb = _load_x(d1 + tl.maximum(tb - 2, t0) * sd_l, me)
     Ba, Ca = _load_n(B0 + tf * sB_l, mn, EVEN_N), _load_n(C0 + tf * sC_l, mn, EVEN_N)
@@ -379,8 +379,8 @@ def _scan_fwd_kernel(
     for s in range(0, half):
         tf = t0 + s
         tb = last - s
-        una, unb, xna, xnb, Ba, Ca, Bb, Cb = _fwd_loads(u0, u1, d0, d1, B0, B1, C0, C1, tf, tb, t0, last,
-                                                        su_l, sd_l, sB_l, sC_l, me, mn, EVEN_N)
+        una, unb, xna, xnb, Ba, Ca, Bb, Cb = _fwd_loads(u0, u1, d0, d1, B0, B1, C0, C1, tf, tb, tf + 1, tb - 1, t0,
+                                                        last, su_l, sd_l, sB_l, sC_l, me, mn, EVEN_N)
         if PF > 0:
             pa = tl.minimum(tf + PF, last)
             pb = tl.maximum(tb - PF, t0)
@@ -402,7 +402,9 @@ def _scan_fwd_kernel(
     for s in range(half, T):
         tf = t0 + s
         tb = last - s
-        una, unb, xna, xnb, Ba, Ca, Bb, Cb = _fwd_loads(u0, u1, d0, d1, B0, B1, C0, C1, tf, tb, t0, last,
+        nf = tl.minimum(tf + 1, last)
+        nb = tl.maximum(tb - 1, t0)
+        una, unb, xna, xnb, Ba, Ca, Bb, Cb = _fwd_loads(u0, u1, d0, d1, B0, B1, C0, C1, tf, tb, nf, nb, t0, last,
                                                         su_l, sd_l, sB_l, sC_l, me, mn, EVEN_N)
         if PF > 0:                                   # here also z and the parked y (written in the first half)
             pa = tl.minimum(tf + PF, last)
@@ -571,7 +573,9 @@ def _sweep(h, A2, bias, p_start, p_end, T, tbase, tstep, u_p, d_p, B_p, su_l, sd
             gn = _load_x(g_p + tn * sg_l, me)
         if PF > 0:
             tp = tbase + tl.minimum(p + PF, T - 1) * tstep
-            _prefetch_token(u_p + tp * su_l, d_p + tp * sd_l, Br + tp * sB_l, None, me, FAST)
+            _prefetch(u_p + tp * su_l, me, FAST)
+            _prefetch(d_p + tp * sd_l, me, FAST)
+            _prefetch(Br + tp * sB_l, None, FAST)
             if WITH_DC:  # also z, dout ahead, and what the walk back over this block reads besides (C, ysum)
                 _prefetch(z_p + tp * sz_l, me, FAST)
                 _prefetch(g_p + tp * sg_l, me, FAST)
