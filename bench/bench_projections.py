@@ -2,9 +2,10 @@
 
 Vim-T's x_proj output is dt_rank + 2 * d_state = 12 + 32 = 44 columns and dt_proj's inner size is 12: neither is
 a multiple of 8 bf16 elements, which keeps cuBLAS off its fastest tensor-core kernels. Layouts timed:
-  batched   one bmm for both directions (the model today), the 44-wide output split into views
+  batched   one bmm for both directions, the 44-wide output split into views
   padded    the same with dt_rank zero-padded to a multiple of 8 (x_proj rows and dt_proj columns of zeros added
-            to the weights on the fly), so every matmul dimension and every view's offset is 16-byte aligned
+            to the weights on the fly), so every matmul dimension and every view's offset is 16-byte aligned (the
+            model since the ninth session)
   per-dir   F.linear per direction
   split     the batched layout with the images cut into groups that act as extra matmul batches (the weights
             expanded to match): each weight gradient is then many short reductions, summed by the expand's
@@ -12,7 +13,7 @@ a multiple of 8 bf16 elements, which keeps cuBLAS off its fastest tensor-core ke
 The four compute the same delta, B and C (checked against float64 first). bf16 autocast, fp32 weights,
 CUDA-event medians of forward + backward (gradients of u and of the weights).
 
-    python bench/bench_projections.py [--profile]   (--profile: the slowest kernels of each layout at Vim-T 224)
+    python bench/bench_projections.py [--profile]   (--profile: each layout's GPU time a step and slowest kernels)
 """
 import argparse
 import math
@@ -76,7 +77,8 @@ LAYOUTS = {"batched": batched, "padded": padded, "per-dir": per_direction, "spli
 
 
 def profile(inputs, R, N, batch):
-    """The five kernels taking the most GPU time in 10 forward + backward steps of each layout."""
+    """The GPU time of a forward + backward step of each layout (all its kernels, averaged over 10 steps) and the
+    five kernels taking the most of it."""
     u, x_w, dt_w, grads = inputs
     for name, layout in LAYOUTS.items():
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
@@ -85,14 +87,16 @@ def profile(inputs, R, N, batch):
                     outs = layout(u, x_w, dt_w, R, N, batch)
                 torch.autograd.backward(outs, grads)
             torch.cuda.synchronize()
-        events = sorted(prof.key_averages(), key=lambda e: -e.device_time_total)[:5]
-        print(f"{name}: " + "; ".join(f"{e.key[:70]} x{e.count // 10}: {e.device_time_total / 10e3:.3f} ms"
+        averages = prof.key_averages()
+        total = sum(e.self_device_time_total for e in averages) / 10e3
+        events = sorted(averages, key=lambda e: -e.device_time_total)[:5]
+        print(f"{name}: GPU {total:.3f} ms a step; " + "; ".join(f"{e.key[:70]} x{e.count // 10}: {e.device_time_total / 10e3:.3f} ms"
                                       for e in events), flush=True)
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--profile", action="store_true", help="the slowest GPU kernels of each layout at Vim-T 224")
+    parser.add_argument("--profile", action="store_true", help="GPU time and slowest kernels of each layout (Vim-T)")
     args = parser.parse_args()
     torch.manual_seed(0)
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}")
@@ -118,7 +122,7 @@ def main():
 
             times.append(cuda_median_ms(step, steps=50, warmup=10))
         print(f"| {name} | " + " | ".join(f"{t:.3f}" for t in times) + f" | {max(errors):.1e} |", flush=True)
-        if args.profile and name.startswith("Vim-T 224"):
+        if args.profile and name.startswith("Vim-T"):
             profile((u, x_w, dt_w, grads), R, N, batch)
 
 

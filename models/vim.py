@@ -162,9 +162,15 @@ class MambaMixer(nn.Module):
         def stacked(name, attr="weight"):
             return torch.stack([getattr(getattr(self, name + s), attr) for s in self.suffixes])
 
-        x_dbl = u.flatten(1, 2) @ stacked("x_proj").transpose(1, 2)           # (K, batch * L, R + 2N)
-        dt_low, B, C = x_dbl.split([R, N, N], dim=-1)
-        delta = dt_low @ stacked("dt_proj").transpose(1, 2)
+        # dt_rank zero-padded to a multiple of 8 (Vim-T: 12 -> 16): with every matmul dimension and view offset
+        # 16-byte aligned cuBLAS leaves its slow misaligned kernels for the weight gradients (BENCHMARKS.md)
+        x_w, dt_w, pad = stacked("x_proj"), stacked("dt_proj"), -R % 8
+        if pad:
+            x_w = torch.cat([x_w[:, :R], x_w.new_zeros(x_w.shape[0], pad, x_w.shape[2]), x_w[:, R:]], dim=1)
+            dt_w = F.pad(dt_w, (0, pad))
+        x_dbl = u.flatten(1, 2) @ x_w.transpose(1, 2)                         # (K, batch * L, R + pad + 2N)
+        dt_low, B, C = x_dbl.split([R + pad, N, N], dim=-1)
+        delta = dt_low @ dt_w.transpose(1, 2)
 
         def channels_first(t):                                                 # (K, batch * L, c) -> (K, batch, c, L)
             return t.unflatten(1, (batch, L)).transpose(-1, -2)
