@@ -166,26 +166,6 @@ def _load_x(d_ptrs, me):
 
 
 @triton.jit
-def _load_ahead(ptrs, word_ptrs, me, PAIR: tl.constexpr):
-    """A [BE] input loaded a token ahead of its use. PAIR (bf16, channels contiguous, even E and strides): the
-    32-bit word holding the lane's channel and its neighbour, raw; else the value as fp32. A 16-bit value carried
-    to the next iteration gets packed with another into one register by ptxas, and the pack waits for the load."""
-    if PAIR:
-        return tl.load(word_ptrs, mask=me, other=0)
-    else:
-        return _load_x(ptrs, me)
-
-
-@triton.jit
-def _unpack(w, odd, PAIR: tl.constexpr):
-    """The lane's fp32 value of a `_load_ahead` result (its bf16 is the word's high half in odd channels)."""
-    if PAIR:
-        return tl.where(odd, w & -65536, w << 16).to(tl.float32, bitcast=True)
-    else:
-        return w
-
-
-@triton.jit
 def _prefetch_token(u_ptrs, d_ptrs, B_row, C_row, me, FAST: tl.constexpr):
     """Prefetch one token of one direction: u, delta ([BE] pointers) and the B, C rows (scalar addresses; C_row
     None: B only)."""
@@ -565,40 +545,32 @@ def _col_sum_rows(n, col, SCATTER: tl.constexpr, LOG_C: tl.constexpr):
 def _sweep(h, A2, bias, p_start, p_end, T, tbase, tstep, u_p, d_p, B_p, su_l, sd_l, sB_l, me, mn, ck, ck_off,
            z_p, g_p, sz_l, sg_l, dC_p, mC, col, NN, Br, Cr, y_p, sC_l, sy_l, d,
            EVERY: tl.constexpr, TILE: tl.constexpr, EVEN_N: tl.constexpr, FAST: tl.constexpr, WITH_DC: tl.constexpr,
-           SCATTER: tl.constexpr, LOG_C: tl.constexpr, PF: tl.constexpr, PAIR: tl.constexpr):
+           SCATTER: tl.constexpr, LOG_C: tl.constexpr, PF: tl.constexpr):
     """Forward recurrence over scan positions [p_start, p_end), storing the state before every EVERY-th position
     (counted from p_start) to ck.
     WITH_DC: also dC_t = sum over channels of h_t * dy_t (this block's partial, reduce-scattered over the columns).
     PF > 0: prefetches into L1 what this sweep reads PF positions ahead and, in the re-sweep (WITH_DC), C and ysum
     of the position, which the walk back over the block reads next. (Prefetching the next block during this one
     was slower, into L1 or L2: in L1 it evicts the block being walked.)"""
-    # the word pointers of PAIR loads: the even channel of the lane's pair, strides in 32-bit words
-    odd = (col & 1) == 1
-    uw = (u_p - odd.to(tl.int32)).to(tl.pointer_type(tl.int32), bitcast=True)
-    dw = (d_p - odd.to(tl.int32)).to(tl.pointer_type(tl.int32), bitcast=True)
-    zw = (z_p - odd.to(tl.int32)).to(tl.pointer_type(tl.int32), bitcast=True)
-    gw = (g_p - odd.to(tl.int32)).to(tl.pointer_type(tl.int32), bitcast=True)
     t = tbase + p_start * tstep
-    u = _load_ahead(u_p + t * su_l, uw + t * (su_l // 2), me, PAIR)
+    u = _load_x(u_p + t * su_l, me)
     Bt = _load_n(B_p + t * sB_l, mn, EVEN_N)
     dt = _softplus(_load_x(d_p + t * sd_l, me) + bias, FAST)
-    t1 = tbase + tl.minimum(p_start + 1, T - 1) * tstep
-    x = _load_ahead(d_p + t1 * sd_l, dw + t1 * (sd_l // 2), me, PAIR)
+    x = _load_x(d_p + (tbase + tl.minimum(p_start + 1, T - 1) * tstep) * sd_l, me)
     if WITH_DC:
-        zz = _load_ahead(z_p + t * sz_l, zw + t * (sz_l // 2), me, PAIR)
-        g = _load_ahead(g_p + t * sg_l, gw + t * (sg_l // 2), me, PAIR)
+        zz = _load_x(z_p + t * sz_l, me)
+        g = _load_x(g_p + t * sg_l, me)
     for p in range(p_start, p_end):
         if (p - p_start) % EVERY == 0:
             tl.store(ck + ((p - p_start) // EVERY) * TILE + ck_off, h)
         # u, B, z, dout a position ahead, delta two, dt = softplus(delta + bias) one (off the recurrence's path)
         tn = tbase + tl.minimum(p + 1, T - 1) * tstep
-        tn2 = tbase + tl.minimum(p + 2, T - 1) * tstep
-        un = _load_ahead(u_p + tn * su_l, uw + tn * (su_l // 2), me, PAIR)
+        un = _load_x(u_p + tn * su_l, me)
         Bn = _load_n(B_p + tn * sB_l, mn, EVEN_N)
-        xn = _load_ahead(d_p + tn2 * sd_l, dw + tn2 * (sd_l // 2), me, PAIR)
+        xn = _load_x(d_p + (tbase + tl.minimum(p + 2, T - 1) * tstep) * sd_l, me)
         if WITH_DC:
-            zn = _load_ahead(z_p + tn * sz_l, zw + tn * (sz_l // 2), me, PAIR)
-            gn = _load_ahead(g_p + tn * sg_l, gw + tn * (sg_l // 2), me, PAIR)
+            zn = _load_x(z_p + tn * sz_l, me)
+            gn = _load_x(g_p + tn * sg_l, me)
         if PF > 0:
             tp = tbase + tl.minimum(p + PF, T - 1) * tstep
             _prefetch(u_p + tp * su_l, me, FAST)
@@ -611,12 +583,10 @@ def _sweep(h, A2, bias, p_start, p_end, T, tbase, tstep, u_p, d_p, B_p, su_l, sd
                 _prefetch(Cr + t * sC_l, None, FAST)
                 if d == 0:
                     _prefetch(y_p + t * sy_l, me, FAST)
-        dtn = _softplus(_unpack(x, odd, PAIR) + bias, FAST)
-        uf = _unpack(u, odd, PAIR)
-        h = tl.exp2(dt[None, :] * A2) * h + (dt * uf)[None, :] * Bt[:, None]
+        dtn = _softplus(x + bias, FAST)
+        h = tl.exp2(dt[None, :] * A2) * h + (dt * u)[None, :] * Bt[:, None]
         if WITH_DC:
-            zf = _unpack(zz, odd, PAIR)
-            dy = _unpack(g, odd, PAIR) * zf * _sigmoid(zf) * 0.5
+            dy = g * zz * _sigmoid(zz) * 0.5
             tl.store(dC_p + (tbase + p * tstep) * NN, _col_sum(h * dy[None, :], col, SCATTER, LOG_C), mask=mC)
             zz, g = zn, gn
         u, Bt, dt, x = un, Bn, dtn, xn
@@ -645,8 +615,7 @@ def _scan_bwd_kernel(
     zero,
     # meta-parameters
     BLOCK_E: tl.constexpr, LOG_C: tl.constexpr, BLOCK_N: tl.constexpr, SCATTER: tl.constexpr, CK: tl.constexpr,
-    SEG: tl.constexpr, HAS_CARRY: tl.constexpr, EVEN_N: tl.constexpr, PF: tl.constexpr, PAIR: tl.constexpr,
-    FAST: tl.constexpr,
+    SEG: tl.constexpr, HAS_CARRY: tl.constexpr, EVEN_N: tl.constexpr, PF: tl.constexpr, FAST: tl.constexpr,
 ):
     NSUB: tl.constexpr = (CK + SEG - 1) // SEG
     TILE: tl.constexpr = BLOCK_E * BLOCK_N
@@ -716,7 +685,7 @@ def _scan_bwd_kernel(
         h = tl.zeros([BLOCK_N, BLOCK_E], tl.float32)
     _sweep(h, A2, bias, 0, T, T, tbase, tstep, u_p, d_p, B_p, su_l, sd_l, sB_l, me, mn, ck, ck_off,
            z_p, g_p, sz_l, sg_l, dC_p, mBC, col, N, Br, Cr, y_p, sC_l, sy_l, d,
-           CK, TILE, EVEN_N, FAST, False, SCATTER, LOG_C, PF, PAIR)
+           CK, TILE, EVEN_N, FAST, False, SCATTER, LOG_C, PF)
 
     # phase 2: CK blocks from the last; each is re-swept into level-2 checkpoints (producing dC on the way), then its
     # SEG-token sub-blocks are recomputed into registers (the stash) and walked backwards (producing the rest)
@@ -732,7 +701,7 @@ def _scan_bwd_kernel(
             _prefetch(ck + tl.maximum(jb - 1, 0) * TILE + ck_off, None, FAST)
         h = _sweep(h, A2, bias, pb, tl.minimum(pb + CK, T), T, tbase, tstep, u_p, d_p, B_p, su_l, sd_l, sB_l, me, mn,
                    ck2, ck_off, z_p, g_p, sz_l, sg_l, dC_p, mBC, col, N, Br, Cr, y_p, sC_l, sy_l, d,
-                   SEG, TILE, EVEN_N, FAST, True, SCATTER, LOG_C, PF, PAIR)
+                   SEG, TILE, EVEN_N, FAST, True, SCATTER, LOG_C, PF)
         nsub = tl.cdiv(tl.minimum(CK, T - pb), SEG)
         for jsr in range(0, nsub):
             js = nsub - 1 - jsr
@@ -809,7 +778,6 @@ _BWD_BLOCK_E = 32        # backward: channels per program (16, 8: a channel's N 
 _CK = 16                 # backward: tokens per level-1 checkpoint
 _SEG = 2                 # backward: tokens per level-2 checkpoint (the register stash holds SEG states)
 _PF = 4                  # tokens ahead that the sequential loops prefetch into L1 (0: no prefetch)
-_PAIR_LOADS = True       # backward sweeps: bf16 values loaded ahead as 32-bit words of two channels where possible
 
 
 def _scatter_levels(block_n, block_e, warps):
@@ -840,13 +808,6 @@ def _num_chunks(batch, E, L, chunk_size, device):
     programs = batch * triton.cdiv(E, 32 * _FWD_WARPS)
     target = _TARGET_PROGRAMS or _WAVES * _wave(device)
     return max(1, min(target // programs, L // _MIN_CHUNK))
-
-
-def _pairable(E, *ts):
-    """The backward's 32-bit pair loads apply: bf16, channels contiguous, every stride and offset of the 2-byte
-    elements even (words stay 4-byte aligned), E even (a lane's pair never reaches past the last channel)."""
-    return E % 2 == 0 and all(t.dtype == torch.bfloat16 and t.stride(-2) == 1 and t.data_ptr() % 4 == 0
-                              and all(s % 2 == 0 for i, s in enumerate(t.stride()) if i != t.dim() - 2) for t in ts)
 
 
 def _token_major(t):
@@ -982,8 +943,7 @@ def _scan_bwd(dout, u, delta, A, B, C, D, z, delta_bias, ysum, hin, chunk, seg=N
             0,
             BLOCK_E=BLOCK_E, LOG_C=BLOCK_E.bit_length() - 1, BLOCK_N=BLOCK_N,
             SCATTER=_scatter_levels(BLOCK_N, BLOCK_E, _BWD_WARPS), CK=CK, SEG=SEG, HAS_CARRY=nchunks > 1,
-            EVEN_N=BLOCK_N == N, PF=_PF, PAIR=_PAIR_LOADS and _pairable(E, u, delta, z, dout), FAST=u.is_cuda,
-            num_warps=_BWD_WARPS, **_launch_opts(u, _BWD_MAXNREG),
+            EVEN_N=BLOCK_N == N, PF=_PF, FAST=u.is_cuda, num_warps=_BWD_WARPS, **_launch_opts(u, _BWD_MAXNREG),
         )
     dB = dB_part.sum(0).transpose(-1, -2)
     dC = dC_part.sum(0).transpose(-1, -2)

@@ -137,29 +137,8 @@ def test_every_access_inside_the_tensors():
     shorter than one checkpoint block, token-major bf16, a partial second channel block."""
     xs = make_inputs(1, 40, 100, 16, dtype=torch.bfloat16, layout="token_major")
     grad_out = _token_major(torch.randn(1, 40, 100, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16))
-    assert st._pairable(40, xs[0], xs[1], xs[6], grad_out)  # the backward's 32-bit pair loads are checked too
     with interpreter_bounds_check():  # chunks of 34, 34 and 32 tokens: the last needs 2 of the 3 blocks of 16
         run(st.bidirectional_scan_triton, xs, grad_out, chunk_size=34)
-
-
-def test_pair_loads_change_nothing(monkeypatch):
-    """The backward's bf16 inputs loaded as 32-bit words of two channels give bitwise the gradients of 16-bit loads
-    (the same values reach the same arithmetic); odd E, an odd stride or another dtype fall back to 16-bit loads."""
-    xs = make_inputs(2, 12, 30, 4, dtype=torch.bfloat16, layout="token_major")
-    grad_out = _token_major(torch.randn(2, 12, 30, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16))
-    assert st._pairable(12, xs[0], xs[1], xs[6], grad_out)
-    _, paired = run(st.bidirectional_scan_triton, xs, grad_out, chunk_size=16)
-    monkeypatch.setattr(st, "_PAIR_LOADS", False)
-    _, plain = run(st.bidirectional_scan_triton, xs, grad_out, chunk_size=16)
-    for name, a, b in zip(NAMES, paired, plain):
-        assert torch.equal(a, b), name
-    odd_e = make_inputs(1, 5, 9, 4, dtype=torch.bfloat16, layout="token_major")
-    assert not st._pairable(5, odd_e[0], odd_e[1], odd_e[6])
-    assert not st._pairable(12, xs[0].float(), xs[1], xs[6])
-    wide = _token_major(torch.zeros(2, 2, 14, 30, dtype=torch.bfloat16))
-    odd_stride = _token_major(torch.zeros(2, 2, 13, 30, dtype=torch.bfloat16))[:, :, :12]   # tokens 13 apart
-    unaligned = wide[:, :, 1:13]                                                             # starts 2 bytes in
-    assert not st._pairable(12, odd_stride, xs[1], xs[6]) and not st._pairable(12, unaligned, xs[1], xs[6])
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
