@@ -90,8 +90,9 @@ def profile(inputs, R, N, batch):
         averages = prof.key_averages()
         total = sum(e.self_device_time_total for e in averages) / 10e3
         events = sorted(averages, key=lambda e: -e.device_time_total)[:5]
-        print(f"{name}: GPU {total:.3f} ms a step; " + "; ".join(f"{e.key[:70]} x{e.count // 10}: {e.device_time_total / 10e3:.3f} ms"
-                                      for e in events), flush=True)
+        print(f"{name}: GPU {total:.3f} ms a step; "
+              + "; ".join(f"{e.key[:70]} x{e.count // 10}: {e.device_time_total / 10e3:.3f} ms" for e in events),
+              flush=True)
 
 
 def main():

@@ -1,10 +1,11 @@
 """Sweep of the Triton scan's tuning constants (module-level knobs of kernels/scan_triton.py) on the GPU.
 
 A setting is either the backward's positional form "CK,SEG,MAXNREG[,WARPS[,BLOCK_E]]" (MAXNREG 0 = no cap, WARPS
-default 1, BLOCK_E, the channels a program, default 32), named knobs "PF=8,WAVES=2,CK=8" (any knob of the
-module, without its leading underscore; 0 or None for MAXNREG means no cap) or "shipped" (the module's values). Each setting is checked against the
-shipped one's gradients (same inputs; they differ only by float summation order) before it is timed; fwd and
-fwd+bwd medians as in bench_scan.py (eager calls, or CUDA-graph replays with --graph).
+default 1, BLOCK_E, the channels a program, default 32), named knobs "PF=8,WAVES=2,CK=8" (any knob of the module,
+without its leading underscore; 0 or None for MAXNREG means no cap) or "shipped" (the module's values). Each
+setting is checked against the shipped one's gradients (same inputs; they differ only by float summation order)
+before it is timed; fwd and fwd+bwd medians as in bench_scan.py (eager calls, or CUDA-graph replays with --graph).
+(The name is historical: it first swept only the backward's knobs.)
 
     python bench/sweep_scan_bwd.py [--shapes 0,3] [--graph] [--settings 16,2,0 8,2,0,2 PF=0 PF=8,WAVES=2 ...]
 """

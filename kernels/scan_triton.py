@@ -161,8 +161,9 @@ def _fwd_step_dt(h, A2, Dv, dt, u, Bt, Ct, LOG_N: tl.constexpr):
 
 
 @triton.jit
-def _load_x(d_ptrs, me):
-    return tl.load(d_ptrs, mask=me, other=0.0).to(tl.float32)
+def _load_f32(ptrs, me):
+    """One token's [BE] per-channel input (u, delta, z, dout) as fp32."""
+    return tl.load(ptrs, mask=me, other=0.0).to(tl.float32)
 
 
 @triton.jit
@@ -180,12 +181,12 @@ def _prefetch_token(u_ptrs, d_ptrs, B_row, C_row, me, FAST: tl.constexpr):
 def _fwd_prologue(u0, u1, d0, d1, ta, tb, t0, last, su_l, sd_l, bias0, bias1, me, FAST: tl.constexpr):
     """What the forward's loops carry into their first token (ta for direction 0, tb for direction 1): u, dt, and
     the next token's delta."""
-    ua = _load_x(u0 + ta * su_l, me)
-    ub = _load_x(u1 + tb * su_l, me)
-    dta = _softplus(_load_x(d0 + ta * sd_l, me) + bias0, FAST)
-    dtb = _softplus(_load_x(d1 + tb * sd_l, me) + bias1, FAST)
-    xa = _load_x(d0 + tl.minimum(ta + 1, last) * sd_l, me)
-    xb = _load_x(d1 + tl.maximum(tb - 1, t0) * sd_l, me)
+    ua = _load_f32(u0 + ta * su_l, me)
+    ub = _load_f32(u1 + tb * su_l, me)
+    dta = _softplus(_load_f32(d0 + ta * sd_l, me) + bias0, FAST)
+    dtb = _softplus(_load_f32(d1 + tb * sd_l, me) + bias1, FAST)
+    xa = _load_f32(d0 + tl.minimum(ta + 1, last) * sd_l, me)
+    xb = _load_f32(d1 + tl.maximum(tb - 1, t0) * sd_l, me)
     return ua, ub, dta, dtb, xa, xb
 
 
@@ -194,10 +195,10 @@ def _fwd_loads(u0, u1, d0, d1, B0, B1, C0, C1, tf, tb, nf, nb, t0, last, su_l, s
                EVEN_N: tl.constexpr):
     """A forward step's loads for tokens tf (direction 0) and tb (direction 1): u of the next tokens nf, nb, delta
     two ahead, B and C of the tokens themselves (past the chunk's ends: its last / first token, unused)."""
-    una = _load_x(u0 + nf * su_l, me)
-    unb = _load_x(u1 + nb * su_l, me)
-    xna = _load_x(d0 + tl.minimum(tf + 2, last) * sd_l, me)
-    xnb = _load_x(d1 + tl.maximum(tb - 2, t0) * sd_l, me)
+    una = _load_f32(u0 + nf * su_l, me)
+    unb = _load_f32(u1 + nb * su_l, me)
+    xna = _load_f32(d0 + tl.minimum(tf + 2, last) * sd_l, me)
+    xnb = _load_f32(d1 + tl.maximum(tb - 2, t0) * sd_l, me)
     Ba, Ca = _load_n(B0 + tf * sB_l, mn, EVEN_N), _load_n(C0 + tf * sC_l, mn, EVEN_N)
     Bb, Cb = _load_n(B1 + tb * sB_l, mn, EVEN_N), _load_n(C1 + tb * sC_l, mn, EVEN_N)
     return una, unb, xna, xnb, Ba, Ca, Bb, Cb
@@ -553,24 +554,24 @@ def _sweep(h, A2, bias, p_start, p_end, T, tbase, tstep, u_p, d_p, B_p, su_l, sd
     of the position, which the walk back over the block reads next. (Prefetching the next block during this one
     was slower, into L1 or L2: in L1 it evicts the block being walked.)"""
     t = tbase + p_start * tstep
-    u = _load_x(u_p + t * su_l, me)
+    u = _load_f32(u_p + t * su_l, me)
     Bt = _load_n(B_p + t * sB_l, mn, EVEN_N)
-    dt = _softplus(_load_x(d_p + t * sd_l, me) + bias, FAST)
-    x = _load_x(d_p + (tbase + tl.minimum(p_start + 1, T - 1) * tstep) * sd_l, me)
+    dt = _softplus(_load_f32(d_p + t * sd_l, me) + bias, FAST)
+    x = _load_f32(d_p + (tbase + tl.minimum(p_start + 1, T - 1) * tstep) * sd_l, me)
     if WITH_DC:
-        zz = _load_x(z_p + t * sz_l, me)
-        g = _load_x(g_p + t * sg_l, me)
+        zz = _load_f32(z_p + t * sz_l, me)
+        g = _load_f32(g_p + t * sg_l, me)
     for p in range(p_start, p_end):
         if (p - p_start) % EVERY == 0:
             tl.store(ck + ((p - p_start) // EVERY) * TILE + ck_off, h)
         # u, B, z, dout a position ahead, delta two, dt = softplus(delta + bias) one (off the recurrence's path)
         tn = tbase + tl.minimum(p + 1, T - 1) * tstep
-        un = _load_x(u_p + tn * su_l, me)
+        un = _load_f32(u_p + tn * su_l, me)
         Bn = _load_n(B_p + tn * sB_l, mn, EVEN_N)
-        xn = _load_x(d_p + (tbase + tl.minimum(p + 2, T - 1) * tstep) * sd_l, me)
+        xn = _load_f32(d_p + (tbase + tl.minimum(p + 2, T - 1) * tstep) * sd_l, me)
         if WITH_DC:
-            zn = _load_x(z_p + tn * sz_l, me)
-            gn = _load_x(g_p + tn * sg_l, me)
+            zn = _load_f32(z_p + tn * sz_l, me)
+            gn = _load_f32(g_p + tn * sg_l, me)
         if PF > 0:
             tp = tbase + tl.minimum(p + PF, T - 1) * tstep
             _prefetch(u_p + tp * su_l, me, FAST)
