@@ -145,7 +145,7 @@ class MambaMixer(nn.Module):
         """
         E = self.d_inner
         xz = self.in_proj(hidden_states)                                       # (batch, L, 2E)
-        x, z = xz[..., :E], xz[..., E:]
+        x, z = xz.split(E, dim=-1)    # views; the backward concatenates dx, dz once (slices would zero-fill twice)
         conv_weight = torch.stack([self.conv1d.weight, self.conv1d_b.weight])[:, :, 0]     # (2, E, K)
         conv_bias = torch.stack([self.conv1d.bias, self.conv1d_b.bias])
         u = bidirectional_conv1d_silu(x, conv_weight, conv_bias, backend=self.scan_backend)  # (2, batch, L, E)
@@ -166,7 +166,8 @@ class MambaMixer(nn.Module):
         # 16-byte aligned cuBLAS leaves its slow misaligned kernels for the weight gradients (BENCHMARKS.md)
         x_w, dt_w, pad = stacked("x_proj"), stacked("dt_proj"), -R % 8
         if pad:
-            x_w = torch.cat([x_w[:, :R], x_w.new_zeros(x_w.shape[0], pad, x_w.shape[2]), x_w[:, R:]], dim=1)
+            dt_rows, bc_rows = x_w.split([R, 2 * N], dim=1)
+            x_w = torch.cat([dt_rows, x_w.new_zeros(x_w.shape[0], pad, x_w.shape[2]), bc_rows], dim=1)
             dt_w = F.pad(dt_w, (0, pad))
         x_dbl = u.flatten(1, 2) @ x_w.transpose(1, 2)                         # (K, batch * L, R + pad + 2N)
         dt_low, B, C = x_dbl.split([R + pad, N, N], dim=-1)
