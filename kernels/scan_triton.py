@@ -140,8 +140,8 @@ def _add2(a0, b0, a1, b1):
 @triton.jit
 def _fwd_load(u_ptrs, d_ptrs, B_ptrs, C_ptrs, me, mn, EVEN_N: tl.constexpr):
     """One token's inputs of one direction (u, delta [BE] as fp32; B, C [BN])."""
-    u = tl.load(u_ptrs, mask=me, other=0.0).to(tl.float32)
-    x = tl.load(d_ptrs, mask=me, other=0.0).to(tl.float32)
+    u = _load_f32(u_ptrs, me)
+    x = _load_f32(d_ptrs, me)
     return u, x, _load_n(B_ptrs, mn, EVEN_N), _load_n(C_ptrs, mn, EVEN_N)
 
 
@@ -161,9 +161,9 @@ def _fwd_step_dt(h, A2, Dv, dt, u, Bt, Ct, LOG_N: tl.constexpr):
 
 
 @triton.jit
-def _load_f32(ptrs, me):
-    """One token's [BE] per-channel input (u, delta, z, dout) as fp32."""
-    return tl.load(ptrs, mask=me, other=0.0).to(tl.float32)
+def _load_f32(ptrs, mask):
+    """One token's [BE] per-channel input (u, delta, z, dout, ysum) as fp32, masked lanes 0."""
+    return tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
 
 
 @triton.jit
@@ -247,14 +247,14 @@ def _fwd_chunk_state_kernel(
 
     h = tl.zeros([BLOCK_N, BLOCK_E], tl.float32)
     dtsum = tl.zeros([BLOCK_E], tl.float32)
-    u = tl.load(u_p + tbase * su_l, mask=me, other=0.0).to(tl.float32)
-    x = tl.load(d_p + tbase * sd_l, mask=me, other=0.0).to(tl.float32)
+    u = _load_f32(u_p + tbase * su_l, me)
+    x = _load_f32(d_p + tbase * sd_l, me)
     Bt = _load_n(B_p + tbase * sB_l, mn, EVEN_N)
     Br = B_ptr + d64 * sB_d + b64 * sB_b
     for p in range(0, T):
         tn = tbase + tl.minimum(p + 1, T - 1) * tstep     # next token's loads first (latency-bound loop)
-        un = tl.load(u_p + tn * su_l, mask=me, other=0.0).to(tl.float32)
-        xn = tl.load(d_p + tn * sd_l, mask=me, other=0.0).to(tl.float32)
+        un = _load_f32(u_p + tn * su_l, me)
+        xn = _load_f32(d_p + tn * sd_l, me)
         Bn = _load_n(B_p + tn * sB_l, mn, EVEN_N)
         if PF > 0:
             tp = tbase + tl.minimum(p + PF, T - 1) * tstep
@@ -422,8 +422,8 @@ def _scan_fwd_kernel(
         mo = me & (tf != tb)
         p0 = tl.load(pr + tf * so_l, mask=mo, other=0.0)
         p1 = tl.load(pr + tb * so_l, mask=mo, other=0.0)
-        zf = tl.load(zr + tf * sz_l, mask=me, other=0.0).to(tl.float32)
-        zb = tl.load(zr + tb * sz_l, mask=mo, other=0.0).to(tl.float32)
+        zf = _load_f32(zr + tf * sz_l, me)
+        zb = _load_f32(zr + tb * sz_l, mo)
         h0, y0 = _fwd_step_dt(h0, A0, D0, dta, ua, Ba, Ca, LOG_N)
         h1, y1 = _fwd_step_dt(h1, A1, D1, dtb, ub, Bb, Cb, LOG_N)
         s0 = y0 + tl.where(mid, y1, p0)
@@ -484,16 +484,16 @@ def _bwd_chunk_state_kernel(
 
     M = tl.zeros([BLOCK_N, BLOCK_E], tl.float32)
     dtsum = tl.zeros([BLOCK_E], tl.float32)
-    x = tl.load(d_p + tbase * sd_l, mask=me, other=0.0).to(tl.float32)
-    zz = tl.load(z_p + tbase * sz_l, mask=me, other=0.0).to(tl.float32)
-    g = tl.load(g_p + tbase * sg_l, mask=me, other=0.0).to(tl.float32)
+    x = _load_f32(d_p + tbase * sd_l, me)
+    zz = _load_f32(z_p + tbase * sz_l, me)
+    g = _load_f32(g_p + tbase * sg_l, me)
     Ct = _load_n(C_p + tbase * sC_l, mn, EVEN_N)
     Cr = C_ptr + d64 * sC_d + b64 * sC_b
     for p in range(0, T):
         tn = tbase + tl.minimum(p + 1, T - 1) * tstep     # next token's loads first (latency-bound loop)
-        xn = tl.load(d_p + tn * sd_l, mask=me, other=0.0).to(tl.float32)
-        zn = tl.load(z_p + tn * sz_l, mask=me, other=0.0).to(tl.float32)
-        gn = tl.load(g_p + tn * sg_l, mask=me, other=0.0).to(tl.float32)
+        xn = _load_f32(d_p + tn * sd_l, me)
+        zn = _load_f32(z_p + tn * sz_l, me)
+        gn = _load_f32(g_p + tn * sg_l, me)
         Cn = _load_n(C_p + tn * sC_l, mn, EVEN_N)
         if PF > 0:
             tp = tbase + tl.minimum(p + PF, T - 1) * tstep
