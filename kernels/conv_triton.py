@@ -23,15 +23,17 @@ Known limits
 - Under TRITON_INTERPRET=1 it runs on CPU tensors (slowly): that is how the tests run without a GPU.
 """
 import contextlib
+from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
+from torch import Tensor
 
 from ._checks import check_conv_inputs
 from .scan_triton import _cast, _sigmoid
 
-__all__ = ["bidirectional_conv1d_silu_triton", "BidirectionalConv1dSiluFn"]
+__all__ = ["bidirectional_conv1d_silu_triton"]
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -213,10 +215,12 @@ def _device_ctx(t):
     return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
-def _conv_fwd(x, weight, bias):
-    """Returns u (2, batch, L, E) contiguous in x's dtype."""
+def _conv_fwd(x, weight, bias, launch=True):
+    """Returns u (2, batch, L, E) contiguous in x's dtype. launch=False: allocation only (the custom op's fake)."""
     batch, L, E, K, w, b = _prep(x, weight, bias)
     u = torch.empty((2, batch, L, E), dtype=x.dtype, device=x.device)
+    if not launch:
+        return u
     grid = (triton.cdiv(L, _FWD_BLOCK_T), triton.cdiv(E, _FWD_BLOCK_E), batch)
     with _device_ctx(x):
         _conv_fwd_kernel[grid](
@@ -236,9 +240,9 @@ def _batch_per_program(batch, programs, device):
     return triton.cdiv(batch, groups)
 
 
-def _conv_bwd(du, x, weight, bias, batch_per_program=None):
+def _conv_bwd(du, x, weight, bias, batch_per_program=None, launch=True):
     """du: (2, batch, L, E), any strides. Returns dx (batch, L, E) in x's dtype; dweight (2, E, K), dbias (2, E) in
-    fp32."""
+    fp32. launch=False: allocation only."""
     batch, L, E, K, w, b = _prep(x, weight, bias)
     if tuple(du.shape) != (2, batch, L, E):
         raise ValueError(f"du must have shape {(2, batch, L, E)}, got {tuple(du.shape)}")
@@ -248,32 +252,56 @@ def _conv_bwd(du, x, weight, bias, batch_per_program=None):
     dx = torch.empty((batch, L, E), dtype=x.dtype, device=x.device)
     dw_part = torch.empty((n_t * n_b, 2, K, E), dtype=torch.float32, device=x.device)
     db_part = torch.empty((n_t * n_b, 2, E), dtype=torch.float32, device=x.device)
-    with _device_ctx(x):
-        _conv_bwd_kernel[(n_t, n_e, n_b)](
-            x, w, b, du, dx, dw_part, db_part,
-            batch, L, E, bpp,
-            *x.stride(), *du.stride(), *dx.stride(),
-            K=K, BLOCK_K=triton.next_power_of_2(K), BLOCK_T=_BWD_BLOCK_T, BLOCK_E=_BWD_BLOCK_E, FAST=x.is_cuda,
-            num_warps=_BWD_WARPS,
-        )
+    if launch:
+        with _device_ctx(x):
+            _conv_bwd_kernel[(n_t, n_e, n_b)](
+                x, w, b, du, dx, dw_part, db_part,
+                batch, L, E, bpp,
+                *x.stride(), *du.stride(), *dx.stride(),
+                K=K, BLOCK_K=triton.next_power_of_2(K), BLOCK_T=_BWD_BLOCK_T, BLOCK_E=_BWD_BLOCK_E, FAST=x.is_cuda,
+                num_warps=_BWD_WARPS,
+            )
     return dx, dw_part.sum(0).transpose(1, 2).contiguous(), db_part.sum(0)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# autograd
+# custom operators with autograd (why: scan_triton.py)
 # ----------------------------------------------------------------------------------------------------------------------
-class BidirectionalConv1dSiluFn(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, weight, bias, batch_per_program=None):
-        ctx.save_for_backward(x, weight, bias)
-        ctx.batch_per_program = batch_per_program
-        return _conv_fwd(x, weight, bias)
+@torch.library.custom_op("vim::bidirectional_conv1d_silu", mutates_args=())
+def _conv_op(x: Tensor, weight: Tensor, bias: Tensor, batch_per_program: Optional[int]) -> Tensor:
+    """`batch_per_program` is the backward's."""
+    return _conv_fwd(x, weight, bias)
 
-    @staticmethod
-    def backward(ctx, du):
-        x, weight, bias = ctx.saved_tensors
-        dx, dw, db = _conv_bwd(du, x, weight, bias, ctx.batch_per_program)
-        return dx, dw.to(weight.dtype), db.to(bias.dtype), None
+
+@_conv_op.register_fake
+def _conv_op_fake(x, weight, bias, batch_per_program):
+    return _conv_fwd(x, weight, bias, launch=False)
+
+
+@torch.library.custom_op("vim::bidirectional_conv1d_silu_backward", mutates_args=())
+def _conv_bwd_op(du: Tensor, x: Tensor, weight: Tensor, bias: Tensor, batch_per_program: Optional[int]
+                 ) -> tuple[Tensor, Tensor, Tensor]:
+    return _conv_bwd(du, x, weight, bias, batch_per_program)
+
+
+@_conv_bwd_op.register_fake
+def _conv_bwd_op_fake(du, x, weight, bias, batch_per_program):
+    return _conv_bwd(du, x, weight, bias, batch_per_program, launch=False)
+
+
+def _conv_setup_context(ctx, inputs, output):
+    x, weight, bias, batch_per_program = inputs
+    ctx.save_for_backward(x, weight, bias)
+    ctx.batch_per_program = batch_per_program
+
+
+def _conv_backward(ctx, du):
+    x, weight, bias = ctx.saved_tensors
+    dx, dw, db = _conv_bwd_op(du, x, weight, bias, ctx.batch_per_program)
+    return dx, dw.to(weight.dtype), db.to(bias.dtype), None
+
+
+_conv_op.register_autograd(_conv_backward, setup_context=_conv_setup_context)
 
 
 def bidirectional_conv1d_silu_triton(x, weight, bias, batch_per_program=None):
@@ -287,6 +315,4 @@ def bidirectional_conv1d_silu_triton(x, weight, bias, batch_per_program=None):
     Returns:
         u: (2, batch, L, E) contiguous, in x's dtype.
     """
-    if torch.is_grad_enabled() and any(t.requires_grad for t in (x, weight, bias)):
-        return BidirectionalConv1dSiluFn.apply(x, weight, bias, batch_per_program)
-    return _conv_fwd(x, weight, bias)
+    return _conv_op(x, weight, bias, batch_per_program)

@@ -24,16 +24,19 @@ using unchanged)
 Known limits: those of scan_triton.py (N <= 32, fp32 arithmetic); orders must be permutations of 0..L-1 (checked
 for CPU tensors only); the depthwise conv1d that precedes the scan is not fused here.
 """
+from typing import Optional
+
 import torch
 import triton
 import triton.language as tl
+from torch import Tensor
 
 from . import scan_triton as st
 from ._checks import check_orders, check_scan_inputs
 from .scan_triton import (LN2, LOG2E, _add2, _cast, _chunk_combine_kernel, _exp2, _fwd_load, _fwd_step, _col_sum,
                           _col_sum_rows, _load_n, _sigmoid, _softplus)
 
-__all__ = ["multidirectional_scan_triton", "MultidirectionalScanFn"]
+__all__ = ["multidirectional_scan_triton"]
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -470,9 +473,9 @@ def _md_scan_bwd_kernel(
 _GATE_BLOCK = 32         # elementwise kernels: [32 channels, 32 tokens] tiles
 
 
-def _prep(u, delta, A, B, C, D, z, delta_bias, orders):
+def _prep(u, delta, A, B, C, D, z, delta_bias, orders, check_values=True):
     K, batch, E, L, N = check_scan_inputs(u, delta, A, B, C, D, z, delta_bias)
-    check_orders(orders, K, batch, L)
+    check_orders(orders, K, batch, L, check_values)
     if N > 32:
         raise ValueError(f"the Triton scan supports a state size N <= 32, got {N}")
     A = A.float().transpose(1, 2).contiguous()  # (K, N, E): the kernels' [N, E] tiles are channels-contiguous
@@ -493,24 +496,32 @@ def _gate_grid(batch, E, L):
     return (triton.cdiv(E, _GATE_BLOCK), triton.cdiv(L, _GATE_BLOCK), batch)
 
 
-def _scan_fwd(u, delta, A, B, C, D, z, delta_bias, orders, chunk_size=None, save=False):
-    """Returns out (batch, E, L) in u's dtype, and when `save`: the mean over directions (u's dtype), chunk start
-    states and the chunk length."""
-    K, batch, E, L, N, A, D, delta_bias, B, C, orders, so = _prep(u, delta, A, B, C, D, z, delta_bias, orders)
+def _chunk_length(u, chunk_size):
+    """Scan steps per chunk (one direction per program); the backward cuts where the forward did."""
+    K, batch, E, L = u.shape
+    return st._chunking(K * batch, E, L, chunk_size, u.device)[0]
+
+
+def _scan_fwd(u, delta, A, B, C, D, z, delta_bias, orders, chunk_size=None, save=False, launch=True):
+    """Returns out (batch, E, L) in u's dtype; when `save`, also the mean over directions (u's dtype) and the chunk
+    start states (K, batch, nchunks, N, E) fp32, each empty where unused. launch=False: allocation only (the custom
+    op's fake, as in scan_triton._scan_fwd)."""
+    K, batch, E, L, N, A, D, delta_bias, B, C, orders, so = _prep(u, delta, A, B, C, D, z, delta_bias, orders, launch)
     dev = u.device
-    nchunks = st._num_chunks(K * batch, E, L, chunk_size, dev)      # one direction per program
-    chunk = triton.cdiv(L, nchunks)
+    chunk = _chunk_length(u, chunk_size)
     nchunks = triton.cdiv(L, chunk)
+    out = st._empty_like_layout(u, (batch, E, L), u.dtype)
+    ymean = st._empty_like_layout(u, (batch, E, L), u.dtype) if save else u.new_empty(0)
+    hin = torch.empty((K, batch, nchunks, N, E), dtype=torch.float32, device=dev) if nchunks > 1 else u.new_empty(0)
+    if not launch:
+        return out, ymean, hin
     BLOCK_E = 32
     BLOCK_N = triton.next_power_of_2(N)
     n_eb = triton.cdiv(E, BLOCK_E)
     ys = st._empty_like_layout(u, (K, batch, E, L), torch.float32)
-    out = st._empty_like_layout(u, (batch, E, L), u.dtype)
-    ymean = st._empty_like_layout(u, (batch, E, L), u.dtype) if save else out
-    hin = None
     with st._device_ctx(u):
         if nchunks > 1:
-            hloc = torch.empty((K, batch, nchunks, N, E), dtype=torch.float32, device=dev)
+            hloc = torch.empty_like(hin)
             P = torch.empty_like(hloc)
             _md_fwd_chunk_state_kernel[(n_eb, batch, K * (nchunks - 1))](
                 u, delta, A, B, delta_bias, orders, hloc, P,
@@ -518,24 +529,25 @@ def _scan_fwd(u, delta, A, B, C, D, z, delta_bias, orders, chunk_size=None, save
                 *u.stride(), *delta.stride(), *B.stride(), *so, 0,
                 BLOCK_E=BLOCK_E, BLOCK_N=BLOCK_N, EVEN_N=BLOCK_N == N, FAST=u.is_cuda, num_warps=1,
             )
-            hin = torch.empty_like(hloc)
             _combine(hloc, P, hin, K * batch, N * E, nchunks, reverse=False)
         _md_scan_fwd_kernel[(n_eb, batch, K * nchunks)](
-            u, delta, A, B, C, D, delta_bias, orders, hin if hin is not None else ys, ys,
+            u, delta, A, B, C, D, delta_bias, orders, hin if nchunks > 1 else ys, ys,
             batch, E, L, N, chunk, nchunks,
             *u.stride(), *delta.stride(), *B.stride(), *C.stride(), *so, *ys.stride(), 0,
             BLOCK_E=BLOCK_E, BLOCK_N=BLOCK_N, LOG_N=BLOCK_N.bit_length() - 1, HAS_CARRY=nchunks > 1,
             EVEN_N=BLOCK_N == N, FAST=u.is_cuda, num_warps=1, **st._launch_opts(u, st._FWD_MAXNREG),
         )
         _md_gate_fwd_kernel[_gate_grid(batch, E, L)](
-            ys, z, out, ymean, E, L, K, *ys.stride(), *z.stride(), *out.stride(),
+            ys, z, out, ymean if save else out, E, L, K, *ys.stride(), *z.stride(), *out.stride(),
             BLOCK_E=_GATE_BLOCK, BLOCK_L=_GATE_BLOCK, SAVE_YMEAN=save, FAST=u.is_cuda,
         )
-    return out, (ymean if save else None), hin, chunk
+    return out, ymean, hin
 
 
-def _scan_bwd(dout, u, delta, A, B, C, D, z, delta_bias, orders, ymean, hin, chunk, seg=None):
-    K, batch, E, L, N, A, D, delta_bias, B, C, orders, so = _prep(u, delta, A, B, C, D, z, delta_bias, orders)
+def _scan_bwd(dout, u, delta, A, B, C, D, z, delta_bias, orders, ymean, hin, chunk, seg=None, launch=True):
+    """Gradients (du, ddelta, dA, dB, dC, dD, dz, d delta_bias), the parameters' in fp32; hin empty for one chunk.
+    launch=False: allocation only."""
+    K, batch, E, L, N, A, D, delta_bias, B, C, orders, so = _prep(u, delta, A, B, C, D, z, delta_bias, orders, launch)
     dev = u.device
     nchunks = triton.cdiv(L, chunk)
     SEG = seg or st._SEG
@@ -545,71 +557,102 @@ def _scan_bwd(dout, u, delta, A, B, C, D, z, delta_bias, orders, ymean, hin, chu
     n_eb = triton.cdiv(E, BLOCK_E)
     nblk = triton.cdiv(chunk, CK)
     f32 = torch.float32
-    Min = None
-    with st._device_ctx(u):
-        dy = st._empty_like_layout(u, (batch, E, L), f32)
-        dz = st._empty_like_layout(z, tuple(z.shape), z.dtype)
-        _md_gate_bwd_kernel[_gate_grid(batch, E, L)](
-            dout, z, ymean, dy, dz, E, L, K,
-            *dout.stride(), *z.stride(), *ymean.stride(), *dy.stride(), *dz.stride(),
-            BLOCK_E=_GATE_BLOCK, BLOCK_L=_GATE_BLOCK, FAST=u.is_cuda,
-        )
-        if nchunks > 1:
-            R = torch.empty((K, batch, nchunks, N, E), dtype=f32, device=dev)
-            P = torch.empty_like(R)
-            _md_bwd_chunk_state_kernel[(n_eb, batch, K * (nchunks - 1))](
-                delta, A, C, delta_bias, dy, orders, R, P,
-                batch, E, L, N, chunk, nchunks,
-                *delta.stride(), *C.stride(), *dy.stride(), *so, 0,
-                BLOCK_E=32, BLOCK_N=BLOCK_N, EVEN_N=BLOCK_N == N, FAST=u.is_cuda, num_warps=1,
+    dz = st._empty_like_layout(z, tuple(z.shape), z.dtype)
+    du = st._empty_like_layout(u, tuple(u.shape), u.dtype)
+    ddelta = st._empty_like_layout(delta, tuple(delta.shape), delta.dtype)
+    dB_part = torch.empty((n_eb, K, batch, L, N), dtype=f32, device=dev)
+    dC_part = torch.empty_like(dB_part)
+    dA_part = torch.empty((batch * nchunks, K, N, E), dtype=f32, device=dev)
+    dD_part = torch.empty((batch * nchunks, K, E), dtype=f32, device=dev)
+    db_part = torch.empty_like(dD_part)
+    if launch:
+        with st._device_ctx(u):
+            dy = st._empty_like_layout(u, (batch, E, L), f32)
+            _md_gate_bwd_kernel[_gate_grid(batch, E, L)](
+                dout, z, ymean, dy, dz, E, L, K,
+                *dout.stride(), *z.stride(), *ymean.stride(), *dy.stride(), *dz.stride(),
+                BLOCK_E=_GATE_BLOCK, BLOCK_L=_GATE_BLOCK, FAST=u.is_cuda,
             )
-            Min = torch.empty_like(R)
-            _combine(R, P, Min, K * batch, N * E, nchunks, reverse=True)
-        du = st._empty_like_layout(u, tuple(u.shape), u.dtype)
-        ddelta = st._empty_like_layout(delta, tuple(delta.shape), delta.dtype)
-        dB_part = torch.empty((n_eb, K, batch, L, N), dtype=f32, device=dev)
-        dC_part = torch.empty_like(dB_part)
-        dA_part = torch.empty((batch * nchunks, K, N, E), dtype=f32, device=dev)
-        dD_part = torch.empty((batch * nchunks, K, E), dtype=f32, device=dev)
-        db_part = torch.empty_like(dD_part)
-        nprog = K * batch * nchunks * n_eb
-        ck = torch.empty((nprog * nblk, BLOCK_E * BLOCK_N), dtype=f32, device=dev)
-        ck2 = torch.empty((nprog * triton.cdiv(CK, SEG), BLOCK_E * BLOCK_N), dtype=f32, device=dev)
-        _md_scan_bwd_kernel[(n_eb, batch, K * nchunks)](
-            u, delta, A, B, C, D, delta_bias, dy, orders,
-            hin if hin is not None else ck, Min if Min is not None else ck, ck, ck2,
-            du, ddelta, dB_part, dC_part, dA_part, dD_part, db_part,
-            batch, E, L, N, K, chunk, nchunks, nblk,
-            *u.stride(), *delta.stride(), *B.stride(), *C.stride(), *dy.stride(), *so,
-            *du.stride(), *ddelta.stride(),
-            0,
-            BLOCK_N=BLOCK_N, SCATTER=st._scatter_levels(BLOCK_N, BLOCK_E, 1), CK=CK, SEG=SEG, HAS_CARRY=nchunks > 1,
-            EVEN_N=BLOCK_N == N, FAST=u.is_cuda, num_warps=1, **st._launch_opts(u, st._BWD_MAXNREG),
-        )
+            Min = None
+            if nchunks > 1:
+                R = torch.empty((K, batch, nchunks, N, E), dtype=f32, device=dev)
+                P = torch.empty_like(R)
+                _md_bwd_chunk_state_kernel[(n_eb, batch, K * (nchunks - 1))](
+                    delta, A, C, delta_bias, dy, orders, R, P,
+                    batch, E, L, N, chunk, nchunks,
+                    *delta.stride(), *C.stride(), *dy.stride(), *so, 0,
+                    BLOCK_E=32, BLOCK_N=BLOCK_N, EVEN_N=BLOCK_N == N, FAST=u.is_cuda, num_warps=1,
+                )
+                Min = torch.empty_like(R)
+                _combine(R, P, Min, K * batch, N * E, nchunks, reverse=True)
+            nprog = K * batch * nchunks * n_eb
+            ck = torch.empty((nprog * nblk, BLOCK_E * BLOCK_N), dtype=f32, device=dev)
+            ck2 = torch.empty((nprog * triton.cdiv(CK, SEG), BLOCK_E * BLOCK_N), dtype=f32, device=dev)
+            _md_scan_bwd_kernel[(n_eb, batch, K * nchunks)](
+                u, delta, A, B, C, D, delta_bias, dy, orders,
+                hin if nchunks > 1 else ck, Min if Min is not None else ck, ck, ck2,
+                du, ddelta, dB_part, dC_part, dA_part, dD_part, db_part,
+                batch, E, L, N, K, chunk, nchunks, nblk,
+                *u.stride(), *delta.stride(), *B.stride(), *C.stride(), *dy.stride(), *so,
+                *du.stride(), *ddelta.stride(),
+                0,
+                BLOCK_N=BLOCK_N, SCATTER=st._scatter_levels(BLOCK_N, BLOCK_E, 1), CK=CK, SEG=SEG,
+                HAS_CARRY=nchunks > 1, EVEN_N=BLOCK_N == N, FAST=u.is_cuda, num_warps=1,
+                **st._launch_opts(u, st._BWD_MAXNREG),
+            )
     dB = dB_part.sum(0).transpose(-1, -2)
     dC = dC_part.sum(0).transpose(-1, -2)
     return du, ddelta, dA_part.sum(0).transpose(1, 2), dB, dC, dD_part.sum(0), dz, db_part.sum(0)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# autograd
+# custom operators with autograd (why: scan_triton.py)
 # ----------------------------------------------------------------------------------------------------------------------
-class MultidirectionalScanFn(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, orders, chunk_size=None, seg=None):
-        out, ymean, hin, chunk = _scan_fwd(u, delta, A, B, C, D, z, delta_bias, orders, chunk_size, save=True)
-        ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, orders, ymean, hin)
-        ctx.chunk = chunk
-        ctx.seg = seg
-        return out
+@torch.library.custom_op("vim::multidirectional_scan", mutates_args=())
+def _scan_op(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor, z: Tensor, delta_bias: Tensor,
+             orders: Tensor, chunk_size: Optional[int], seg: Optional[int], save: bool
+             ) -> tuple[Tensor, Tensor, Tensor]:
+    """(out, mean over directions, chunk start states); `seg` is the backward's."""
+    return _scan_fwd(u, delta, A, B, C, D, z, delta_bias, orders, chunk_size, save)
 
-    @staticmethod
-    def backward(ctx, dout):
-        u, delta, A, B, C, D, z, delta_bias, orders, ymean, hin = ctx.saved_tensors
-        du, ddelta, dA, dB, dC, dD, dz, dbias = _scan_bwd(
-            dout, u, delta, A, B, C, D, z, delta_bias, orders, ymean, hin, ctx.chunk, ctx.seg)
-        return (du, ddelta, dA.to(A.dtype), dB.to(B.dtype), dC.to(C.dtype), dD.to(D.dtype), dz,
-                dbias.to(delta_bias.dtype), None, None, None)
+
+@_scan_op.register_fake
+def _scan_op_fake(u, delta, A, B, C, D, z, delta_bias, orders, chunk_size, seg, save):
+    return _scan_fwd(u, delta, A, B, C, D, z, delta_bias, orders, chunk_size, save, launch=False)
+
+
+@torch.library.custom_op("vim::multidirectional_scan_backward", mutates_args=())
+def _scan_bwd_op(dout: Tensor, u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor, z: Tensor,
+                 delta_bias: Tensor, orders: Tensor, ymean: Tensor, hin: Tensor, chunk: int, seg: Optional[int]
+                 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    return _scan_bwd(dout, u, delta, A, B, C, D, z, delta_bias, orders, ymean, hin, chunk, seg)
+
+
+@_scan_bwd_op.register_fake
+def _scan_bwd_op_fake(dout, u, delta, A, B, C, D, z, delta_bias, orders, ymean, hin, chunk, seg):
+    return _scan_bwd(dout, u, delta, A, B, C, D, z, delta_bias, orders, ymean, hin, chunk, seg, launch=False)
+
+
+def _scan_setup_context(ctx, inputs, output):
+    u, delta, A, B, C, D, z, delta_bias, orders, chunk_size, seg, save = inputs
+    _, ymean, hin = output
+    ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, orders, ymean, hin)
+    ctx.chunk = _chunk_length(u, chunk_size)
+    ctx.seg = seg
+    ctx.saved = save
+
+
+def _scan_backward(ctx, dout, *_):
+    if not ctx.saved:
+        raise RuntimeError("backward through a scan run with save=False (no gradients were required then)")
+    u, delta, A, B, C, D, z, delta_bias, orders, ymean, hin = ctx.saved_tensors
+    du, ddelta, dA, dB, dC, dD, dz, dbias = _scan_bwd_op(
+        dout, u, delta, A, B, C, D, z, delta_bias, orders, ymean, hin, ctx.chunk, ctx.seg)
+    return (du, ddelta, dA.to(A.dtype), dB.to(B.dtype), dC.to(C.dtype), dD.to(D.dtype), dz,
+            dbias.to(delta_bias.dtype), None, None, None, None)
+
+
+_scan_op.register_autograd(_scan_backward, setup_context=_scan_setup_context)
 
 
 def multidirectional_scan_triton(u, delta, A, B, C, D, z, delta_bias, orders, chunk_size=None, seg=None):
@@ -625,8 +668,5 @@ def multidirectional_scan_triton(u, delta, A, B, C, D, z, delta_bias, orders, ch
     Returns:
         (batch, E, L) in u's dtype: silu(z) * mean_k(y_k).
     """
-    needs_grad = torch.is_grad_enabled() and any(
-        t.requires_grad for t in (u, delta, A, B, C, D, z, delta_bias))
-    if needs_grad:
-        return MultidirectionalScanFn.apply(u, delta, A, B, C, D, z, delta_bias, orders, chunk_size, seg)
-    return _scan_fwd(u, delta, A, B, C, D, z, delta_bias, orders, chunk_size, save=False)[0]
+    save = torch.is_grad_enabled() and any(t.requires_grad for t in (u, delta, A, B, C, D, z, delta_bias))
+    return _scan_op(u, delta, A, B, C, D, z, delta_bias, orders, chunk_size, seg, save)[0]

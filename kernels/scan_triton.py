@@ -1,4 +1,4 @@
-"""Fused bidirectional selective scan (Vim v2 mixer) in Triton: forward, backward and the autograd Function.
+"""Fused bidirectional selective scan (Vim v2 mixer) in Triton: forward, backward, and a custom operator with autograd.
 
 What is fused
 - Forward: ONE launch covers both directions. A program (one warp) owns (32 channels, batch row, token chunk) and
@@ -36,13 +36,16 @@ Known limits
   by registers (about 250 per thread, 8 warps per SM) - see BENCHMARKS.md "Selective scan kernel".
 - Under TRITON_INTERPRET=1 it runs on CPU tensors (slowly): that is how the tests run without a GPU.
 """
+from typing import Optional
+
 import torch
 import triton
 import triton.language as tl
+from torch import Tensor
 
 from ._checks import check_scan_inputs
 
-__all__ = ["bidirectional_scan_triton", "BidirectionalScanFn"]
+__all__ = ["bidirectional_scan_triton"]
 
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
@@ -855,23 +858,31 @@ class _NullCtx:
         return False
 
 
-def _scan_fwd(u, delta, A, B, C, D, z, delta_bias, chunk_size=None, save=False):
-    """Returns out (batch, E, L) in u's dtype, and when `save`: ysum (y_fwd + y_bwd, u's dtype), chunk start states."""
+def _chunking(batch, E, L, chunk_size, device):
+    """(tokens per chunk, chunks per sequence); the backward cuts the sequence where the forward did."""
+    chunk = triton.cdiv(L, _num_chunks(batch, E, L, chunk_size, device))
+    return chunk, triton.cdiv(L, chunk)
+
+
+def _scan_fwd(u, delta, A, B, C, D, z, delta_bias, chunk_size=None, save=False, launch=True):
+    """Returns out (batch, E, L) in u's dtype; when `save`, also ysum (y_fwd + y_bwd, u's dtype) and the chunk start
+    states (2, batch, nchunks, N, E) fp32, each empty where unused (not saved, or a single chunk).
+    launch=False allocates the outputs and runs nothing: the custom op's fake, with the real strides by construction."""
     batch, E, L, N, A, D, delta_bias, B, C = _prep(u, delta, A, B, C, D, z, delta_bias)
     dev = u.device
-    nchunks = _num_chunks(batch, E, L, chunk_size, u.device)
-    chunk = triton.cdiv(L, nchunks)
-    nchunks = triton.cdiv(L, chunk)
+    chunk, nchunks = _chunking(batch, E, L, chunk_size, dev)
+    out = _empty_like_layout(u, (batch, E, L), u.dtype)
+    ysum = _empty_like_layout(u, (batch, E, L), u.dtype) if save else u.new_empty(0)
+    hin = torch.empty((2, batch, nchunks, N, E), dtype=torch.float32, device=dev) if nchunks > 1 else u.new_empty(0)
+    if not launch:
+        return out, ysum, hin
     BLOCK_E = 32 * _FWD_WARPS
     BLOCK_N = triton.next_power_of_2(N)
     n_eb = triton.cdiv(E, BLOCK_E)
-    out = _empty_like_layout(u, (batch, E, L), u.dtype)
     part = _empty_like_layout(u, (batch, E, L), torch.float32)
-    ysum = _empty_like_layout(u, (batch, E, L), u.dtype) if save else out
-    hin = None
     with _device_ctx(u):
         if nchunks > 1:
-            hloc = torch.empty((2, batch, nchunks, N, E), dtype=torch.float32, device=dev)
+            hloc = torch.empty_like(hin)
             P = torch.empty_like(hloc)
             _fwd_chunk_state_kernel[(n_eb, batch, 2 * (nchunks - 1))](
                 u, delta, A, B, delta_bias, hloc, P,
@@ -879,17 +890,16 @@ def _scan_fwd(u, delta, A, B, C, D, z, delta_bias, chunk_size=None, save=False):
                 *u.stride(), *delta.stride(), *B.stride(), 0,
                 BLOCK_E=BLOCK_E, BLOCK_N=BLOCK_N, EVEN_N=BLOCK_N == N, PF=_PF, FAST=u.is_cuda, num_warps=_FWD_WARPS,
             )
-            hin = torch.empty_like(hloc)
             _combine(hloc, P, hin, batch, N * E, nchunks, reverse=False)
         _scan_fwd_kernel[(n_eb, batch, nchunks)](
-            u, delta, A, B, C, D, delta_bias, z, hin if hin is not None else part, part, out, ysum,
+            u, delta, A, B, C, D, delta_bias, z, hin if nchunks > 1 else part, part, out, ysum if save else out,
             batch, E, L, N, chunk, nchunks,
             *u.stride(), *delta.stride(), *B.stride(), *C.stride(), *z.stride(), *out.stride(), 0,
             BLOCK_E=BLOCK_E, BLOCK_N=BLOCK_N, LOG_N=BLOCK_N.bit_length() - 1, HAS_CARRY=nchunks > 1, SAVE_YSUM=save,
             EVEN_N=BLOCK_N == N, PF=_PF, FAST=u.is_cuda,
             num_warps=_FWD_WARPS, **_launch_opts(u, _FWD_MAXNREG),
         )
-    return out, (ysum if save else None), hin, chunk
+    return out, ysum, hin
 
 
 def _combine(S, P, X, batch, NE, nchunks, reverse):
@@ -897,7 +907,9 @@ def _combine(S, P, X, batch, NE, nchunks, reverse):
     _chunk_combine_kernel[(triton.cdiv(NE, BLOCK), batch, 2)](S, P, X, batch, NE, nchunks, REVERSE=reverse, BLOCK=BLOCK)
 
 
-def _scan_bwd(dout, u, delta, A, B, C, D, z, delta_bias, ysum, hin, chunk, seg=None):
+def _scan_bwd(dout, u, delta, A, B, C, D, z, delta_bias, ysum, hin, chunk, seg=None, launch=True):
+    """Gradients (du, ddelta, dA, dB, dC, dD, dz, d delta_bias); dA, dB, dC, dD, d delta_bias in fp32. hin: the
+    forward's chunk start states (empty for one chunk). launch=False: allocation only, as in `_scan_fwd`."""
     batch, E, L, N, A, D, delta_bias, B, C = _prep(u, delta, A, B, C, D, z, delta_bias)
     dev = u.device
     nchunks = triton.cdiv(L, chunk)
@@ -910,66 +922,96 @@ def _scan_bwd(dout, u, delta, A, B, C, D, z, delta_bias, ysum, hin, chunk, seg=N
     if dout.stride(-1) != 1 and not _token_major(dout):
         dout = dout.contiguous()
     f32 = torch.float32
-    Min = None
-    with _device_ctx(u):
-        if nchunks > 1:
-            R = torch.empty((2, batch, nchunks, N, E), dtype=f32, device=dev)
-            P = torch.empty_like(R)
-            _bwd_chunk_state_kernel[(triton.cdiv(E, 32), batch, 2 * (nchunks - 1))](
-                delta, A, C, delta_bias, z, dout, R, P,
-                batch, E, L, N, chunk, nchunks,
-                *delta.stride(), *C.stride(), *z.stride(), *dout.stride(), 0,
-                BLOCK_E=32, BLOCK_N=BLOCK_N, EVEN_N=BLOCK_N == N, PF=_PF, FAST=u.is_cuda, num_warps=1,
+    du = _empty_like_layout(u, tuple(u.shape), u.dtype)
+    ddelta = _empty_like_layout(delta, tuple(delta.shape), delta.dtype)
+    dz = _empty_like_layout(z, tuple(z.shape), z.dtype)
+    dB_part = torch.empty((n_eb, 2, batch, L, N), dtype=f32, device=dev)
+    dC_part = torch.empty_like(dB_part)
+    dA_part = torch.empty((batch * nchunks, 2, N, E), dtype=f32, device=dev)
+    dD_part = torch.empty((batch * nchunks, 2, E), dtype=f32, device=dev)
+    db_part = torch.empty_like(dD_part)
+    if launch:
+        with _device_ctx(u):
+            Min = None
+            if nchunks > 1:
+                R = torch.empty((2, batch, nchunks, N, E), dtype=f32, device=dev)
+                P = torch.empty_like(R)
+                _bwd_chunk_state_kernel[(triton.cdiv(E, 32), batch, 2 * (nchunks - 1))](
+                    delta, A, C, delta_bias, z, dout, R, P,
+                    batch, E, L, N, chunk, nchunks,
+                    *delta.stride(), *C.stride(), *z.stride(), *dout.stride(), 0,
+                    BLOCK_E=32, BLOCK_N=BLOCK_N, EVEN_N=BLOCK_N == N, PF=_PF, FAST=u.is_cuda, num_warps=1,
+                )
+                Min = torch.empty_like(R)
+                _combine(R, P, Min, batch, N * E, nchunks, reverse=True)
+            nprog = 2 * batch * nchunks * n_eb
+            ck = torch.empty((nprog * nblk, BLOCK_E * BLOCK_N), dtype=f32, device=dev)
+            ck2 = torch.empty((nprog * triton.cdiv(CK, SEG), BLOCK_E * BLOCK_N), dtype=f32, device=dev)
+            _scan_bwd_kernel[(n_eb, batch, 2 * nchunks)](
+                u, delta, A, B, C, D, delta_bias, z, dout, ysum,
+                hin if nchunks > 1 else ck, Min if Min is not None else ck, ck, ck2,
+                du, ddelta, dz, dB_part, dC_part, dA_part, dD_part, db_part,
+                batch, E, L, N, chunk, nchunks, nblk,
+                *u.stride(), *delta.stride(), *B.stride(), *C.stride(), *z.stride(), *dout.stride(), *ysum.stride(),
+                *du.stride(), *ddelta.stride(), *dz.stride(),
+                0,
+                BLOCK_E=BLOCK_E, LOG_C=BLOCK_E.bit_length() - 1, BLOCK_N=BLOCK_N,
+                SCATTER=_scatter_levels(BLOCK_N, BLOCK_E, _BWD_WARPS), CK=CK, SEG=SEG, HAS_CARRY=nchunks > 1,
+                EVEN_N=BLOCK_N == N, PF=_PF, FAST=u.is_cuda, num_warps=_BWD_WARPS, **_launch_opts(u, _BWD_MAXNREG),
             )
-            Min = torch.empty_like(R)
-            _combine(R, P, Min, batch, N * E, nchunks, reverse=True)
-        du = _empty_like_layout(u, tuple(u.shape), u.dtype)
-        ddelta = _empty_like_layout(delta, tuple(delta.shape), delta.dtype)
-        dz = _empty_like_layout(z, tuple(z.shape), z.dtype)
-        dB_part = torch.empty((n_eb, 2, batch, L, N), dtype=f32, device=dev)
-        dC_part = torch.empty_like(dB_part)
-        dA_part = torch.empty((batch * nchunks, 2, N, E), dtype=f32, device=dev)
-        dD_part = torch.empty((batch * nchunks, 2, E), dtype=f32, device=dev)
-        db_part = torch.empty_like(dD_part)
-        nprog = 2 * batch * nchunks * n_eb
-        ck = torch.empty((nprog * nblk, BLOCK_E * BLOCK_N), dtype=f32, device=dev)
-        ck2 = torch.empty((nprog * triton.cdiv(CK, SEG), BLOCK_E * BLOCK_N), dtype=f32, device=dev)
-        _scan_bwd_kernel[(n_eb, batch, 2 * nchunks)](
-            u, delta, A, B, C, D, delta_bias, z, dout, ysum,
-            hin if hin is not None else ck, Min if Min is not None else ck, ck, ck2,
-            du, ddelta, dz, dB_part, dC_part, dA_part, dD_part, db_part,
-            batch, E, L, N, chunk, nchunks, nblk,
-            *u.stride(), *delta.stride(), *B.stride(), *C.stride(), *z.stride(), *dout.stride(), *ysum.stride(),
-            *du.stride(), *ddelta.stride(), *dz.stride(),
-            0,
-            BLOCK_E=BLOCK_E, LOG_C=BLOCK_E.bit_length() - 1, BLOCK_N=BLOCK_N,
-            SCATTER=_scatter_levels(BLOCK_N, BLOCK_E, _BWD_WARPS), CK=CK, SEG=SEG, HAS_CARRY=nchunks > 1,
-            EVEN_N=BLOCK_N == N, PF=_PF, FAST=u.is_cuda, num_warps=_BWD_WARPS, **_launch_opts(u, _BWD_MAXNREG),
-        )
     dB = dB_part.sum(0).transpose(-1, -2)
     dC = dC_part.sum(0).transpose(-1, -2)
     return du, ddelta, dA_part.sum(0).transpose(1, 2), dB, dC, dD_part.sum(0), dz, db_part.sum(0)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# autograd
+# custom operators with autograd: torch.compile sees each call as one opaque op (it cannot trace these launches) and
+# fuses the model's elementwise work around it; eager calls run the same registration
 # ----------------------------------------------------------------------------------------------------------------------
-class BidirectionalScanFn(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, chunk_size=None, seg=None):
-        out, ysum, hin, chunk = _scan_fwd(u, delta, A, B, C, D, z, delta_bias, chunk_size, save=True)
-        ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, ysum, hin)
-        ctx.chunk = chunk
-        ctx.seg = seg
-        return out
+@torch.library.custom_op("vim::bidirectional_scan", mutates_args=())
+def _scan_op(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor, z: Tensor, delta_bias: Tensor,
+             chunk_size: Optional[int], seg: Optional[int], save: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """(out, ysum, chunk start states); `seg` is the backward's (an argument here so that the backward sees it)."""
+    return _scan_fwd(u, delta, A, B, C, D, z, delta_bias, chunk_size, save)
 
-    @staticmethod
-    def backward(ctx, dout):
-        u, delta, A, B, C, D, z, delta_bias, ysum, hin = ctx.saved_tensors
-        du, ddelta, dA, dB, dC, dD, dz, dbias = _scan_bwd(
-            dout, u, delta, A, B, C, D, z, delta_bias, ysum, hin, ctx.chunk, ctx.seg)
-        return (du, ddelta, dA.to(A.dtype), dB.to(B.dtype), dC.to(C.dtype), dD.to(D.dtype), dz,
-                dbias.to(delta_bias.dtype), None, None)
+
+@_scan_op.register_fake
+def _scan_op_fake(u, delta, A, B, C, D, z, delta_bias, chunk_size, seg, save):
+    return _scan_fwd(u, delta, A, B, C, D, z, delta_bias, chunk_size, save, launch=False)
+
+
+@torch.library.custom_op("vim::bidirectional_scan_backward", mutates_args=())
+def _scan_bwd_op(dout: Tensor, u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor, z: Tensor,
+                 delta_bias: Tensor, ysum: Tensor, hin: Tensor, chunk: int, seg: Optional[int]
+                 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    return _scan_bwd(dout, u, delta, A, B, C, D, z, delta_bias, ysum, hin, chunk, seg)
+
+
+@_scan_bwd_op.register_fake
+def _scan_bwd_op_fake(dout, u, delta, A, B, C, D, z, delta_bias, ysum, hin, chunk, seg):
+    return _scan_bwd(dout, u, delta, A, B, C, D, z, delta_bias, ysum, hin, chunk, seg, launch=False)
+
+
+def _scan_setup_context(ctx, inputs, output):
+    u, delta, A, B, C, D, z, delta_bias, chunk_size, seg, save = inputs
+    _, ysum, hin = output
+    ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, ysum, hin)
+    ctx.chunk = _chunking(u.shape[1], u.shape[2], u.shape[3], chunk_size, u.device)[0]
+    ctx.seg = seg
+    ctx.saved = save
+
+
+def _scan_backward(ctx, dout, *_):
+    if not ctx.saved:
+        raise RuntimeError("backward through a scan run with save=False (no gradients were required then)")
+    u, delta, A, B, C, D, z, delta_bias, ysum, hin = ctx.saved_tensors
+    du, ddelta, dA, dB, dC, dD, dz, dbias = _scan_bwd_op(
+        dout, u, delta, A, B, C, D, z, delta_bias, ysum, hin, ctx.chunk, ctx.seg)
+    return (du, ddelta, dA.to(A.dtype), dB.to(B.dtype), dC.to(C.dtype), dD.to(D.dtype), dz,
+            dbias.to(delta_bias.dtype), None, None, None)
+
+
+_scan_op.register_autograd(_scan_backward, setup_context=_scan_setup_context)
 
 
 def bidirectional_scan_triton(u, delta, A, B, C, D, z, delta_bias, chunk_size=None, seg=None):
@@ -980,12 +1022,9 @@ def bidirectional_scan_triton(u, delta, A, B, C, D, z, delta_bias, chunk_size=No
             (token-major views, channels contiguous, are the fast layout).
         A: (2, E, N); B, C: (2, batch, N, L); D, delta_bias: (2, E); z: (batch, E, L).
         chunk_size: tokens per chunk (None: chosen from the shape); tests use small values to cross chunk borders.
-        seg: backward checkpoint interval in tokens (None: default 8).
+        seg: backward checkpoint interval in tokens (None: _SEG).
     Returns:
         (batch, E, L) in u's dtype: silu(z) * (y_fwd + y_bwd) / 2.
     """
-    needs_grad = torch.is_grad_enabled() and any(
-        t.requires_grad for t in (u, delta, A, B, C, D, z, delta_bias))
-    if needs_grad:
-        return BidirectionalScanFn.apply(u, delta, A, B, C, D, z, delta_bias, chunk_size, seg)
-    return _scan_fwd(u, delta, A, B, C, D, z, delta_bias, chunk_size, save=False)[0]
+    save = torch.is_grad_enabled() and any(t.requires_grad for t in (u, delta, A, B, C, D, z, delta_bias))
+    return _scan_op(u, delta, A, B, C, D, z, delta_bias, chunk_size, seg, save)[0]
