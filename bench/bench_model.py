@@ -9,10 +9,14 @@ step: forward, cross-entropy on random labels, backward, fused AdamW step. CUDA-
 Peak memory is torch.cuda.max_memory_allocated over the timed steps minus the memory held before the step
 (parameters and optimizer state), i.e. the activations and workspaces a batch needs. --cuda-graph captures the
 whole step once (for training: forward, backward and the capturable fused AdamW step, PyTorch's whole-network
-capture) and times its replays: what is left when no op is launched from the host.
+capture) and times its replays: what is left when no op is launched from the host. --compile runs both models
+through torch.compile (default mode; Vim's Triton kernels are opaque custom ops in its graph) and prints, per
+model, the compiled logits' distance from eager's and the first step's seconds (the compile).
 """
 import argparse
+import contextlib
 import functools
+import time
 
 import timm
 import torch
@@ -59,7 +63,14 @@ def measure(name, size, batch, train, args):
                 forward(images)
 
     try:
+        if args.compile:
+            _report_compiled(name, size, train, model, forward, images, autocast)
+        first = time.perf_counter()
         step()  # creates the optimizer state before the baseline is read
+        if args.compile:
+            torch.cuda.synchronize()
+            print(f"  {name} {size} {'train' if train else 'infer'}: first step {time.perf_counter() - first:.1f} s",
+                  flush=True)
         if args.cuda_graph:
             step = _graphed(step)
         torch.cuda.synchronize()
@@ -71,6 +82,18 @@ def measure(name, size, batch, train, args):
     except torch.cuda.OutOfMemoryError:
         return None
     return batch / ms * 1e3, peak
+
+
+def _report_compiled(name, size, train, model, forward, images, autocast):
+    """Prints how far the compiled model's logits are from eager's on the benchmark batch (same weights, same
+    autocast) and in the step's grad mode, so the graph compiled here is the one timed (the models have no dropout
+    or drop path on)."""
+    with (contextlib.nullcontext() if train else torch.inference_mode()), autocast():
+        eager = model(images).detach().float()
+        compiled = forward(images).detach().float()
+    diff = ((compiled - eager).abs().max() / eager.abs().max()).item()
+    print(f"  {name} {size} {'train' if train else 'infer'}: compiled vs eager logits, max |diff| / max |eager| "
+          f"{diff:.2e}", flush=True)
 
 
 def _graphed(step):
