@@ -90,6 +90,7 @@ class TrainConfig:
     max_bad_steps: int = 5          # non-finite losses in a row before the run stops
     grad_checkpointing: bool = False
     cuda_graph: bool = False        # ZeRO-0: network fwd + bwd replayed from a CUDA graph (engine/cuda_graph.py)
+    compile: bool = False           # the training network call through torch.compile (engine/cuda_graph.py)
 
 
 @dataclass

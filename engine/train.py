@@ -9,10 +9,11 @@ hooks it may define:
     visualize(path)                                   at each checkpoint, on every rank (path None off rank 0)
     export_state() -> (state_dict, model_config)      the encoder written at the end as safetensors
     extra_state() / load_extra_state(state)           state kept outside the engine (e.g. EMA weights)
-    graph_network(wrap)                               train.cuda_graph: route the training network call through
-                                                      wrap(module, method), a cuda_graph.GraphedTraining
+    graph_network(wrap)                               train.cuda_graph / train.compile: route the training network
+                                                      call through wrap(module, method), a cuda_graph.GraphedTraining
 """
 import contextlib
+import functools
 import json
 import math
 import signal
@@ -24,7 +25,7 @@ import torch
 from .checkpoint import (export_encoder, load_checkpoint, partitioned_for_other_ranks, resolve_resume, save_checkpoint,
                          to_universal)
 from .config import config_to_dict, save_config
-from .cuda_graph import GraphedTraining, check_cuda_graph
+from .cuda_graph import GraphedTraining, check_compile, check_cuda_graph
 from .deepspeed_setup import (backward_and_step, gathered_parameters, initialize_engine, load_deepspeed_config,
                               zero_stage)
 from .distributed import all_gather_object, all_reduce_sum, rng_state, set_rng_state
@@ -103,7 +104,11 @@ def train(cfg, module, data, dist, eval_data=None):
     n_params = sum(p.numel() for p in module.parameters() if p.requires_grad)  # before ZeRO-3 partitions them
     if tc.cuda_graph:
         check_cuda_graph(module, dist.device, zero_stage(ds_config), tc.grad_accum)
-        module.graph_network(GraphedTraining)
+    if tc.compile:
+        check_compile(module, zero_stage(ds_config))
+    if tc.cuda_graph or tc.compile:
+        capture = torch.cuda.make_graphed_callables if tc.cuda_graph else None
+        module.graph_network(functools.partial(GraphedTraining, capture=capture, compile=tc.compile))
     engine, optimizer = initialize_engine(module, optimizer, ds_config)
     steps_per_epoch = data.steps_per_epoch // tc.grad_accum
     if steps_per_epoch < 1:

@@ -1,4 +1,5 @@
-"""Fused bidirectional depthwise conv1d + SiLU (Vim v2 mixer's two convs) in Triton: forward, backward, autograd.
+"""Fused bidirectional depthwise conv1d + SiLU (Vim v2 mixer's two convs) in Triton: forward, backward, autograd (a
+Function, and a custom operator for torch.compile).
 
 What is fused
 - Forward: ONE launch for both directions. A program owns (BLOCK_T tokens, BLOCK_E channels, one batch row) and loads
@@ -265,8 +266,26 @@ def _conv_bwd(du, x, weight, bias, batch_per_program=None, launch=True):
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# custom operators with autograd (why: scan_triton.py)
+# autograd: a Function for eager calls, a custom operator under torch.compile (why: scan_triton.py)
 # ----------------------------------------------------------------------------------------------------------------------
+def _conv_grads(saved, du, batch_per_program, backward):
+    x, weight, bias = saved
+    dx, dw, db = backward(du, x, weight, bias, batch_per_program)
+    return dx, dw.to(weight.dtype), db.to(bias.dtype)
+
+
+class _ConvFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, batch_per_program):
+        ctx.save_for_backward(x, weight, bias)
+        ctx.batch_per_program = batch_per_program
+        return _conv_fwd(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, du):
+        return *_conv_grads(ctx.saved_tensors, du, ctx.batch_per_program, _conv_bwd), None
+
+
 @torch.library.custom_op("vim::bidirectional_conv1d_silu", mutates_args=())
 def _conv_op(x: Tensor, weight: Tensor, bias: Tensor, batch_per_program: Optional[int]) -> Tensor:
     """`batch_per_program` is the backward's."""
@@ -289,19 +308,17 @@ def _conv_bwd_op_fake(du, x, weight, bias, batch_per_program):
     return _conv_bwd(du, x, weight, bias, batch_per_program, launch=False)
 
 
-def _conv_setup_context(ctx, inputs, output):
+def _conv_op_setup_context(ctx, inputs, output):
     x, weight, bias, batch_per_program = inputs
     ctx.save_for_backward(x, weight, bias)
     ctx.batch_per_program = batch_per_program
 
 
-def _conv_backward(ctx, du):
-    x, weight, bias = ctx.saved_tensors
-    dx, dw, db = _conv_bwd_op(du, x, weight, bias, ctx.batch_per_program)
-    return dx, dw.to(weight.dtype), db.to(bias.dtype), None
+def _conv_op_backward(ctx, du):
+    return *_conv_grads(ctx.saved_tensors, du, ctx.batch_per_program, _conv_bwd_op), None
 
 
-_conv_op.register_autograd(_conv_backward, setup_context=_conv_setup_context)
+_conv_op.register_autograd(_conv_op_backward, setup_context=_conv_op_setup_context)
 
 
 def bidirectional_conv1d_silu_triton(x, weight, bias, batch_per_program=None):
@@ -315,4 +332,8 @@ def bidirectional_conv1d_silu_triton(x, weight, bias, batch_per_program=None):
     Returns:
         u: (2, batch, L, E) contiguous, in x's dtype.
     """
-    return _conv_op(x, weight, bias, batch_per_program)
+    if torch.compiler.is_compiling():
+        return _conv_op(x, weight, bias, batch_per_program)
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (x, weight, bias)):
+        return _ConvFn.apply(x, weight, bias, batch_per_program)
+    return _conv_fwd(x, weight, bias)

@@ -606,8 +606,30 @@ def _scan_bwd(dout, u, delta, A, B, C, D, z, delta_bias, orders, ymean, hin, chu
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# custom operators with autograd (why: scan_triton.py)
+# autograd: a Function for eager calls, a custom operator under torch.compile (why: scan_triton.py)
 # ----------------------------------------------------------------------------------------------------------------------
+def _scan_grads(saved, dout, chunk, seg, backward):
+    """Gradients of the 8 float tensor inputs, in their dtypes (orders has none)."""
+    u, delta, A, B, C, D, z, delta_bias, orders, ymean, hin = saved
+    du, ddelta, dA, dB, dC, dD, dz, dbias = backward(dout, u, delta, A, B, C, D, z, delta_bias, orders, ymean, hin,
+                                                     chunk, seg)
+    return (du, ddelta, dA.to(A.dtype), dB.to(B.dtype), dC.to(C.dtype), dD.to(D.dtype), dz,
+            dbias.to(delta_bias.dtype))
+
+
+class _ScanFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, orders, chunk_size, seg):
+        out, ymean, hin = _scan_fwd(u, delta, A, B, C, D, z, delta_bias, orders, chunk_size, save=True)
+        ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, orders, ymean, hin)
+        ctx.chunk, ctx.seg = _chunk_length(u, chunk_size), seg
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        return *_scan_grads(ctx.saved_tensors, dout, ctx.chunk, ctx.seg, _scan_bwd), None, None, None
+
+
 @torch.library.custom_op("vim::multidirectional_scan", mutates_args=())
 def _scan_op(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor, z: Tensor, delta_bias: Tensor,
              orders: Tensor, chunk_size: Optional[int], seg: Optional[int], save: bool
@@ -633,26 +655,20 @@ def _scan_bwd_op_fake(dout, u, delta, A, B, C, D, z, delta_bias, orders, ymean, 
     return _scan_bwd(dout, u, delta, A, B, C, D, z, delta_bias, orders, ymean, hin, chunk, seg, launch=False)
 
 
-def _scan_setup_context(ctx, inputs, output):
+def _scan_op_setup_context(ctx, inputs, output):
     u, delta, A, B, C, D, z, delta_bias, orders, chunk_size, seg, save = inputs
     _, ymean, hin = output
     ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, orders, ymean, hin)
-    ctx.chunk = _chunk_length(u, chunk_size)
-    ctx.seg = seg
-    ctx.saved = save
+    ctx.chunk, ctx.seg, ctx.saved = _chunk_length(u, chunk_size), seg, save
 
 
-def _scan_backward(ctx, dout, *_):
+def _scan_op_backward(ctx, dout, *_):
     if not ctx.saved:
         raise RuntimeError("backward through a scan run with save=False (no gradients were required then)")
-    u, delta, A, B, C, D, z, delta_bias, orders, ymean, hin = ctx.saved_tensors
-    du, ddelta, dA, dB, dC, dD, dz, dbias = _scan_bwd_op(
-        dout, u, delta, A, B, C, D, z, delta_bias, orders, ymean, hin, ctx.chunk, ctx.seg)
-    return (du, ddelta, dA.to(A.dtype), dB.to(B.dtype), dC.to(C.dtype), dD.to(D.dtype), dz,
-            dbias.to(delta_bias.dtype), None, None, None, None)
+    return *_scan_grads(ctx.saved_tensors, dout, ctx.chunk, ctx.seg, _scan_bwd_op), None, None, None, None
 
 
-_scan_op.register_autograd(_scan_backward, setup_context=_scan_setup_context)
+_scan_op.register_autograd(_scan_op_backward, setup_context=_scan_op_setup_context)
 
 
 def multidirectional_scan_triton(u, delta, A, B, C, D, z, delta_bias, orders, chunk_size=None, seg=None):
@@ -669,4 +685,8 @@ def multidirectional_scan_triton(u, delta, A, B, C, D, z, delta_bias, orders, ch
         (batch, E, L) in u's dtype: silu(z) * mean_k(y_k).
     """
     save = torch.is_grad_enabled() and any(t.requires_grad for t in (u, delta, A, B, C, D, z, delta_bias))
-    return _scan_op(u, delta, A, B, C, D, z, delta_bias, orders, chunk_size, seg, save)[0]
+    if torch.compiler.is_compiling():
+        return _scan_op(u, delta, A, B, C, D, z, delta_bias, orders, chunk_size, seg, save)[0]
+    if save:
+        return _ScanFn.apply(u, delta, A, B, C, D, z, delta_bias, orders, chunk_size, seg)
+    return _scan_fwd(u, delta, A, B, C, D, z, delta_bias, orders, chunk_size)[0]

@@ -1,4 +1,5 @@
-"""Fused bidirectional selective scan (Vim v2 mixer) in Triton: forward, backward, and a custom operator with autograd.
+"""Fused bidirectional selective scan (Vim v2 mixer) in Triton: forward, backward, autograd (a Function, and a
+custom operator for torch.compile).
 
 What is fused
 - Forward: ONE launch covers both directions. A program (one warp) owns (32 channels, batch row, token chunk) and
@@ -965,9 +966,36 @@ def _scan_bwd(dout, u, delta, A, B, C, D, z, delta_bias, ysum, hin, chunk, seg=N
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# custom operators with autograd: torch.compile sees each call as one opaque op (it cannot trace these launches) and
-# fuses the model's elementwise work around it; eager calls run the same registration
+# autograd: eager calls go through an autograd Function; under torch.compile, through a custom operator (a fake for
+# shapes and strides, the same backward) that the compiler keeps as one opaque op (it cannot trace these launches)
+# and fuses the model's other work around. The operator's dispatch costs more host time a call than the Function
+# (BENCHMARKS.md, "torch.compile"), which eager training at small resolutions would pay.
 # ----------------------------------------------------------------------------------------------------------------------
+def _scan_grads(saved, dout, chunk, seg, backward):
+    """Gradients of the 8 tensor inputs, in their dtypes, from the saved tensors (inputs, ysum, chunk states)."""
+    u, delta, A, B, C, D, z, delta_bias, ysum, hin = saved
+    du, ddelta, dA, dB, dC, dD, dz, dbias = backward(dout, u, delta, A, B, C, D, z, delta_bias, ysum, hin, chunk, seg)
+    return (du, ddelta, dA.to(A.dtype), dB.to(B.dtype), dC.to(C.dtype), dD.to(D.dtype), dz,
+            dbias.to(delta_bias.dtype))
+
+
+def _chunk_length(u, chunk_size):
+    return _chunking(u.shape[1], u.shape[2], u.shape[3], chunk_size, u.device)[0]
+
+
+class _ScanFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, chunk_size, seg):
+        out, ysum, hin = _scan_fwd(u, delta, A, B, C, D, z, delta_bias, chunk_size, save=True)
+        ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, ysum, hin)
+        ctx.chunk, ctx.seg = _chunk_length(u, chunk_size), seg
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        return *_scan_grads(ctx.saved_tensors, dout, ctx.chunk, ctx.seg, _scan_bwd), None, None
+
+
 @torch.library.custom_op("vim::bidirectional_scan", mutates_args=())
 def _scan_op(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor, z: Tensor, delta_bias: Tensor,
              chunk_size: Optional[int], seg: Optional[int], save: bool) -> tuple[Tensor, Tensor, Tensor]:
@@ -992,26 +1020,20 @@ def _scan_bwd_op_fake(dout, u, delta, A, B, C, D, z, delta_bias, ysum, hin, chun
     return _scan_bwd(dout, u, delta, A, B, C, D, z, delta_bias, ysum, hin, chunk, seg, launch=False)
 
 
-def _scan_setup_context(ctx, inputs, output):
+def _scan_op_setup_context(ctx, inputs, output):
     u, delta, A, B, C, D, z, delta_bias, chunk_size, seg, save = inputs
     _, ysum, hin = output
     ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, ysum, hin)
-    ctx.chunk = _chunking(u.shape[1], u.shape[2], u.shape[3], chunk_size, u.device)[0]
-    ctx.seg = seg
-    ctx.saved = save
+    ctx.chunk, ctx.seg, ctx.saved = _chunk_length(u, chunk_size), seg, save
 
 
-def _scan_backward(ctx, dout, *_):
+def _scan_op_backward(ctx, dout, *_):
     if not ctx.saved:
         raise RuntimeError("backward through a scan run with save=False (no gradients were required then)")
-    u, delta, A, B, C, D, z, delta_bias, ysum, hin = ctx.saved_tensors
-    du, ddelta, dA, dB, dC, dD, dz, dbias = _scan_bwd_op(
-        dout, u, delta, A, B, C, D, z, delta_bias, ysum, hin, ctx.chunk, ctx.seg)
-    return (du, ddelta, dA.to(A.dtype), dB.to(B.dtype), dC.to(C.dtype), dD.to(D.dtype), dz,
-            dbias.to(delta_bias.dtype), None, None, None)
+    return *_scan_grads(ctx.saved_tensors, dout, ctx.chunk, ctx.seg, _scan_bwd_op), None, None, None
 
 
-_scan_op.register_autograd(_scan_backward, setup_context=_scan_setup_context)
+_scan_op.register_autograd(_scan_op_backward, setup_context=_scan_op_setup_context)
 
 
 def bidirectional_scan_triton(u, delta, A, B, C, D, z, delta_bias, chunk_size=None, seg=None):
@@ -1027,4 +1049,8 @@ def bidirectional_scan_triton(u, delta, A, B, C, D, z, delta_bias, chunk_size=No
         (batch, E, L) in u's dtype: silu(z) * (y_fwd + y_bwd) / 2.
     """
     save = torch.is_grad_enabled() and any(t.requires_grad for t in (u, delta, A, B, C, D, z, delta_bias))
-    return _scan_op(u, delta, A, B, C, D, z, delta_bias, chunk_size, seg, save)[0]
+    if torch.compiler.is_compiling():
+        return _scan_op(u, delta, A, B, C, D, z, delta_bias, chunk_size, seg, save)[0]
+    if save:
+        return _ScanFn.apply(u, delta, A, B, C, D, z, delta_bias, chunk_size, seg)
+    return _scan_fwd(u, delta, A, B, C, D, z, delta_bias, chunk_size)[0]

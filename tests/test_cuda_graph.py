@@ -6,7 +6,7 @@ import timm
 import torch
 
 import run_finetune
-from engine.cuda_graph import GraphedTraining, check_cuda_graph
+from engine.cuda_graph import GraphedTraining, check_compile, check_cuda_graph
 from finetune import Classifier
 from helpers import TINY_MODEL
 from pretrain import MaskedAutoencoder
@@ -135,3 +135,36 @@ def test_cuda_graph_on_cpu_is_a_config_error(tmp_path, default_data_cache):
     with pytest.raises(ValueError, match="train.cuda_graph needs a CUDA device"):
         run_finetune.main(["--task", "classification", *TINY_MODEL, f"output_dir={tmp_path}",
                            f"data.cache_dir={default_data_cache}", "train.cuda_graph=true"])
+
+
+def test_compiled_training_call_matches_eager():
+    """train.compile without a graph: the training call goes through torch.compile (inductor, on the CPU here) and
+    gives eager's output and gradients; evaluation stays eager."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.GELU(), torch.nn.Linear(8, 3))
+    x = torch.randn(5, 4)
+    eager = net(x)
+    eager.sum().backward()
+    grads = [p.grad.clone() for p in net.parameters()]
+    net.zero_grad()
+    torch._dynamo.reset()
+    counters = torch._dynamo.utils.counters
+    counters.clear()
+    compiled = GraphedTraining(net, capture=None, compile=True)
+    out = compiled(x)
+    out.sum().backward()
+    assert counters["stats"]["unique_graphs"] == 1                 # it went through the compiler
+    torch.testing.assert_close(out, eager)
+    for p, g in zip(net.parameters(), grads):
+        torch.testing.assert_close(p.grad, g)
+    net.eval()
+    assert torch.equal(compiled(x), net(x))
+    assert counters["stats"]["unique_graphs"] == 1                 # evaluation: eager, nothing compiled
+
+
+def test_compile_refuses_zero3_and_modules_without_a_network():
+    with pytest.raises(ValueError, match="ZeRO stage 3"):
+        check_compile(Classifier(tiny_vim(num_classes=3), 3, {}), 3)
+    with pytest.raises(ValueError, match="no network to compile"):
+        check_compile(torch.nn.Linear(2, 2), 0)
+    check_compile(Classifier(tiny_vim(num_classes=3), 3, {}), 2)
