@@ -13,8 +13,9 @@ What is fused
   The loop is bound by load latency: every sequential loop prefetches its inputs a few tokens ahead into L1
   (`_prefetch`, no registers), loads the small per-channel values a token ahead and computes dt a token ahead.
 - Long sequences are cut into chunks processed in parallel (only as far as needed to fill the GPU once, and never
-  below 256 tokens): `_fwd_chunk_state_kernel` scans each chunk from a zero state (end state, exp(A sum dt)),
-  `_chunk_combine_kernel` carries states across chunks, the main kernel starts from the carried state.
+  below 256 tokens): `_fwd_chunk_state_kernel` scans each chunk from a zero state (end state, exp(A sum dt); both
+  directions of a chunk in one program), `_chunk_combine_kernel` carries states across chunks, the main kernel
+  starts from the carried state.
 - Backward (one direction per program): gradients of u, delta, A, B, C, D, z and delta_bias. It needs h_{t-1} while
   walking t backwards; reversing the recurrence divides by exp(dt A) (unstable) and storing every h is an (E, N, L)
   tensor, so states are recomputed: phase 1 keeps a checkpoint every CK tokens in a scratch buffer; each CK block is
@@ -182,6 +183,16 @@ def _prefetch_token(u_ptrs, d_ptrs, B_row, C_row, me, FAST: tl.constexpr):
 
 
 @triton.jit
+def _direction_params(A_ptr, bias_ptr, ne_off, e, E, N, m2, me):
+    """Both directions' A (times log2 e, for exp2) as [N, E] tiles and dt biases as [E] vectors."""
+    A0 = tl.load(A_ptr + ne_off, mask=m2, other=0.0) * LOG2E
+    A1 = tl.load(A_ptr + N * E + ne_off, mask=m2, other=0.0) * LOG2E
+    bias0 = tl.load(bias_ptr + e, mask=me, other=0.0)
+    bias1 = tl.load(bias_ptr + E + e, mask=me, other=0.0)
+    return A0, A1, bias0, bias1
+
+
+@triton.jit
 def _fwd_prologue(u0, u1, d0, d1, ta, tb, t0, last, su_l, sd_l, bias0, bias1, me, FAST: tl.constexpr):
     """What the forward's loops carry into their first token (ta for direction 0, tb for direction 1): u, dt, and
     the next token's delta."""
@@ -209,7 +220,8 @@ def _fwd_loads(u0, u1, d0, d1, B0, B1, C0, C1, tf, tb, nf, nb, t0, last, su_l, s
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# forward, pass 1: per-chunk end state from a zero start (only for chunked sequences)
+# forward, pass 1: per-chunk end state from a zero start (only for chunked sequences); both directions of a chunk in
+# one program, as in the main pass (two independent recurrences: ILP, and half the programs)
 # ----------------------------------------------------------------------------------------------------------------------
 @triton.jit(do_not_specialize=["zero"])
 def _fwd_chunk_state_kernel(
@@ -227,49 +239,64 @@ def _fwd_chunk_state_kernel(
 ):
     pid_e = tl.program_id(0)
     b = tl.program_id(1)
-    pid2 = tl.program_id(2)
-    d = pid2 // (nchunks - 1)
-    c = pid2 % (nchunks - 1) + d            # direction 0 needs chunks 0..n-2, direction 1 needs 1..n-1
+    c = tl.program_id(2)
     e = pid_e * BLOCK_E + tl.arange(0, BLOCK_E)
     n = tl.arange(0, BLOCK_N)
     me = e < E
     mn = n < N
     m2 = mn[:, None] & me[None, :]
     b64 = b.to(tl.int64)
-    d64 = d.to(tl.int64)
     t0 = c * chunk
     T = tl.minimum(L - t0, chunk)
-    tbase = t0 + d * (T - 1)
-    tstep = 1 - 2 * d
+    last = t0 + T - 1
 
     ne_off = zero + n[:, None] * E + e[None, :]            # see _scan_fwd_kernel: [N, E] tiles, channels over lanes
-    A2 = tl.load(A_ptr + d64 * N * E + ne_off, mask=m2, other=0.0) * LOG2E
-    bias = tl.load(bias_ptr + d * E + e, mask=me, other=0.0)
-    u_p = u_ptr + d64 * su_d + b64 * su_b + e * su_e
-    d_p = dl_ptr + d64 * sd_d + b64 * sd_b + e * sd_e
-    B_p = B_ptr + d64 * sB_d + b64 * sB_b + n * sB_n
+    A0, A1, bias0, bias1 = _direction_params(A_ptr, bias_ptr, ne_off, e, E, N, m2, me)
+    u0 = u_ptr + b64 * su_b + e * su_e
+    u1 = u0 + su_d
+    d0 = dl_ptr + b64 * sd_b + e * sd_e
+    d1 = d0 + sd_d
+    B0 = B_ptr + b64 * sB_b + n * sB_n
+    B1 = B0 + sB_d
+    B0r = B_ptr + b64 * sB_b
+    B1r = B0r + sB_d
 
-    h = tl.zeros([BLOCK_N, BLOCK_E], tl.float32)
-    dtsum = tl.zeros([BLOCK_E], tl.float32)
-    u = _load_f32(u_p + tbase * su_l, me)
-    x = _load_f32(d_p + tbase * sd_l, me)
-    Bt = _load_n(B_p + tbase * sB_l, mn, EVEN_N)
-    Br = B_ptr + d64 * sB_d + b64 * sB_b
-    for p in range(0, T):
-        tn = tbase + tl.minimum(p + 1, T - 1) * tstep     # next token's loads first (latency-bound loop)
-        un = _load_f32(u_p + tn * su_l, me)
-        xn = _load_f32(d_p + tn * sd_l, me)
-        Bn = _load_n(B_p + tn * sB_l, mn, EVEN_N)
+    # direction 0 walks the chunk from its first token, direction 1 from its last; loads as in the main pass (u a
+    # token ahead, delta two, dt one, B at use)
+    h0 = tl.zeros([BLOCK_N, BLOCK_E], tl.float32)
+    h1 = tl.zeros([BLOCK_N, BLOCK_E], tl.float32)
+    dtsum0 = tl.zeros([BLOCK_E], tl.float32)
+    dtsum1 = tl.zeros([BLOCK_E], tl.float32)
+    ua, ub, dta, dtb, xa, xb = _fwd_prologue(u0, u1, d0, d1, t0, last, t0, last, su_l, sd_l, bias0, bias1, me, FAST)
+    for s in range(0, T):
+        tf = t0 + s
+        tb = last - s
+        una = _load_f32(u0 + tl.minimum(tf + 1, last) * su_l, me)
+        unb = _load_f32(u1 + tl.maximum(tb - 1, t0) * su_l, me)
+        xna = _load_f32(d0 + tl.minimum(tf + 2, last) * sd_l, me)
+        xnb = _load_f32(d1 + tl.maximum(tb - 2, t0) * sd_l, me)
+        Ba = _load_n(B0 + tf * sB_l, mn, EVEN_N)
+        Bb = _load_n(B1 + tb * sB_l, mn, EVEN_N)
         if PF > 0:
-            tp = tbase + tl.minimum(p + PF, T - 1) * tstep
-            _prefetch_token(u_p + tp * su_l, d_p + tp * sd_l, Br + tp * sB_l, None, me, FAST)
-        dt = _softplus(x + bias, FAST)
-        dtsum += dt
-        h = tl.exp2(dt[None, :] * A2) * h + (dt * u)[None, :] * Bt[:, None]
-        u, x, Bt = un, xn, Bn
-    off = ((d64 * batch + b) * nchunks + c) * N * E + ne_off
-    tl.store(hloc_ptr + off, h, mask=m2)
-    tl.store(P_ptr + off, tl.exp2(dtsum[None, :] * A2), mask=m2)
+            pa = tl.minimum(tf + PF, last)
+            pb = tl.maximum(tb - PF, t0)
+            _prefetch_token(u0 + pa * su_l, d0 + pa * sd_l, B0r + pa * sB_l, None, me, FAST)
+            _prefetch_token(u1 + pb * su_l, d1 + pb * sd_l, B1r + pb * sB_l, None, me, FAST)
+        dtna = _softplus(xa + bias0, FAST)
+        dtnb = _softplus(xb + bias1, FAST)
+        dtsum0 += dta
+        dtsum1 += dtb
+        h0 = tl.exp2(dta[None, :] * A0) * h0 + (dta * ua)[None, :] * Ba[:, None]
+        h1 = tl.exp2(dtb[None, :] * A1) * h1 + (dtb * ub)[None, :] * Bb[:, None]
+        ua, dta, xa = una, dtna, xna
+        ub, dtb, xb = unb, dtnb, xnb
+    # the combine reads direction 0's end states of chunks 0..n-2 and direction 1's of chunks 1..n-1
+    off0 = (b64 * nchunks + c) * N * E + ne_off
+    off1 = ((batch + b64) * nchunks + c) * N * E + ne_off
+    tl.store(hloc_ptr + off0, h0, mask=m2 & (c < nchunks - 1))
+    tl.store(P_ptr + off0, tl.exp2(dtsum0[None, :] * A0), mask=m2 & (c < nchunks - 1))
+    tl.store(hloc_ptr + off1, h1, mask=m2 & (c > 0))
+    tl.store(P_ptr + off1, tl.exp2(dtsum1[None, :] * A1), mask=m2 & (c > 0))
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -340,12 +367,9 @@ def _scan_fwd_kernel(
     # register layout this kernel is written for (channels over the 32 lanes, all N of a channel in one lane, so the
     # N reductions stay inside a thread), whatever the Triton version's tie-breaking.
     ne_off = zero + n[:, None] * E + e[None, :]
-    A0 = tl.load(A_ptr + ne_off, mask=m2, other=0.0) * LOG2E
-    A1 = tl.load(A_ptr + N * E + ne_off, mask=m2, other=0.0) * LOG2E
+    A0, A1, bias0, bias1 = _direction_params(A_ptr, bias_ptr, ne_off, e, E, N, m2, me)
     D0 = tl.load(D_ptr + e, mask=me, other=0.0)
     D1 = tl.load(D_ptr + E + e, mask=me, other=0.0)
-    bias0 = tl.load(bias_ptr + e, mask=me, other=0.0)
-    bias1 = tl.load(bias_ptr + E + e, mask=me, other=0.0)
     if HAS_CARRY:
         h0 = tl.load(hin_ptr + (b64 * nchunks + c) * N * E + ne_off, mask=m2, other=0.0)
         h1 = tl.load(hin_ptr + ((batch + b64) * nchunks + c) * N * E + ne_off, mask=m2, other=0.0)
@@ -442,8 +466,9 @@ def _scan_fwd_kernel(
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# backward, pass 1: per-chunk adjoint carry from a zero end (only for chunked sequences)
-# M_t = exp(dt_t A) v_t with v_t = C_t dy_t + M_{t+1} (t in scan order); a chunk maps M_in -> R + P * M_in.
+# backward, pass 1: per-chunk adjoint carry from a zero end (only for chunked sequences), both directions of a chunk
+# in one program. M_t = exp(dt_t A) v_t with v_t = C_t dy_t + M_{t+1} (t in scan order); a chunk maps
+# M_in -> R + P * M_in.
 # ----------------------------------------------------------------------------------------------------------------------
 @triton.jit(do_not_specialize=["zero"])
 def _bwd_chunk_state_kernel(
@@ -462,57 +487,81 @@ def _bwd_chunk_state_kernel(
 ):
     pid_e = tl.program_id(0)
     b = tl.program_id(1)
-    pid2 = tl.program_id(2)
-    d = pid2 // (nchunks - 1)
-    c = pid2 % (nchunks - 1) + 1 - d        # direction 0 needs chunks 1..n-1, direction 1 needs 0..n-2
+    c = tl.program_id(2)
     e = pid_e * BLOCK_E + tl.arange(0, BLOCK_E)
     n = tl.arange(0, BLOCK_N)
     me = e < E
     mn = n < N
     m2 = mn[:, None] & me[None, :]
     b64 = b.to(tl.int64)
-    d64 = d.to(tl.int64)
     t0 = c * chunk
     T = tl.minimum(L - t0, chunk)
-    # reverse scan order: direction 0 walks its chunk from the last token, direction 1 from the first
-    tbase = t0 + (1 - d) * (T - 1)
-    tstep = 2 * d - 1
+    last = t0 + T - 1
 
     ne_off = zero + n[:, None] * E + e[None, :]            # see _scan_fwd_kernel: [N, E] tiles, channels over lanes
-    A2 = tl.load(A_ptr + d64 * E * N + ne_off, mask=m2, other=0.0) * LOG2E
-    bias = tl.load(bias_ptr + d * E + e, mask=me, other=0.0)
-    d_p = dl_ptr + d64 * sd_d + b64 * sd_b + e * sd_e
-    C_p = C_ptr + d64 * sC_d + b64 * sC_b + n * sC_n
+    A0, A1, bias0, bias1 = _direction_params(A_ptr, bias_ptr, ne_off, e, E, N, m2, me)
+    d0 = dl_ptr + b64 * sd_b + e * sd_e
+    d1 = d0 + sd_d
+    C0 = C_ptr + b64 * sC_b + n * sC_n
+    C1 = C0 + sC_d
+    C0r = C_ptr + b64 * sC_b
+    C1r = C0r + sC_d
     z_p = z_ptr + b64 * sz_b + e * sz_e
     g_p = dout_ptr + b64 * sg_b + e * sg_e
 
-    M = tl.zeros([BLOCK_N, BLOCK_E], tl.float32)
-    dtsum = tl.zeros([BLOCK_E], tl.float32)
-    x = _load_f32(d_p + tbase * sd_l, me)
-    zz = _load_f32(z_p + tbase * sz_l, me)
-    g = _load_f32(g_p + tbase * sg_l, me)
-    Ct = _load_n(C_p + tbase * sC_l, mn, EVEN_N)
-    Cr = C_ptr + d64 * sC_d + b64 * sC_b
-    for p in range(0, T):
-        tn = tbase + tl.minimum(p + 1, T - 1) * tstep     # next token's loads first (latency-bound loop)
-        xn = _load_f32(d_p + tn * sd_l, me)
-        zn = _load_f32(z_p + tn * sz_l, me)
-        gn = _load_f32(g_p + tn * sg_l, me)
-        Cn = _load_n(C_p + tn * sC_l, mn, EVEN_N)
+    # reverse scan order: direction 0 walks its chunk from the last token (ta), direction 1 from the first (tb);
+    # the gate's dy = dout silu(z) / 2 is shared by the directions but read at different tokens
+    M0 = tl.zeros([BLOCK_N, BLOCK_E], tl.float32)
+    M1 = tl.zeros([BLOCK_N, BLOCK_E], tl.float32)
+    dtsum0 = tl.zeros([BLOCK_E], tl.float32)
+    dtsum1 = tl.zeros([BLOCK_E], tl.float32)
+    xa = _load_f32(d0 + last * sd_l, me)
+    xb = _load_f32(d1 + t0 * sd_l, me)
+    za = _load_f32(z_p + last * sz_l, me)
+    zb = _load_f32(z_p + t0 * sz_l, me)
+    ga = _load_f32(g_p + last * sg_l, me)
+    gb = _load_f32(g_p + t0 * sg_l, me)
+    for s in range(0, T):
+        ta = last - s
+        tb = t0 + s
+        na = tl.maximum(ta - 1, t0)                   # next token's per-channel loads first (latency-bound loop)
+        nb = tl.minimum(tb + 1, last)
+        xna = _load_f32(d0 + na * sd_l, me)
+        xnb = _load_f32(d1 + nb * sd_l, me)
+        zna = _load_f32(z_p + na * sz_l, me)
+        znb = _load_f32(z_p + nb * sz_l, me)
+        gna = _load_f32(g_p + na * sg_l, me)
+        gnb = _load_f32(g_p + nb * sg_l, me)
+        Ca = _load_n(C0 + ta * sC_l, mn, EVEN_N)
+        Cb = _load_n(C1 + tb * sC_l, mn, EVEN_N)
         if PF > 0:
-            tp = tbase + tl.minimum(p + PF, T - 1) * tstep
-            _prefetch(d_p + tp * sd_l, me, FAST)
-            _prefetch(z_p + tp * sz_l, me, FAST)
-            _prefetch(g_p + tp * sg_l, me, FAST)
-            _prefetch(Cr + tp * sC_l, None, FAST)
-        dt = _softplus(x + bias, FAST)
-        dtsum += dt
-        dy = g * zz * _sigmoid(zz) * 0.5
-        M = tl.exp2(dt[None, :] * A2) * (Ct[:, None] * dy[None, :] + M)
-        x, zz, g, Ct = xn, zn, gn, Cn
-    off = ((d64 * batch + b) * nchunks + c) * N * E + ne_off
-    tl.store(R_ptr + off, M, mask=m2)
-    tl.store(P_ptr + off, tl.exp2(dtsum[None, :] * A2), mask=m2)
+            pa = tl.maximum(ta - PF, t0)
+            pb = tl.minimum(tb + PF, last)
+            _prefetch(d0 + pa * sd_l, me, FAST)
+            _prefetch(d1 + pb * sd_l, me, FAST)
+            _prefetch(z_p + pa * sz_l, me, FAST)
+            _prefetch(z_p + pb * sz_l, me, FAST)
+            _prefetch(g_p + pa * sg_l, me, FAST)
+            _prefetch(g_p + pb * sg_l, me, FAST)
+            _prefetch(C0r + pa * sC_l, None, FAST)
+            _prefetch(C1r + pb * sC_l, None, FAST)
+        dta = _softplus(xa + bias0, FAST)
+        dtb = _softplus(xb + bias1, FAST)
+        dtsum0 += dta
+        dtsum1 += dtb
+        dya = ga * za * _sigmoid(za) * 0.5
+        dyb = gb * zb * _sigmoid(zb) * 0.5
+        M0 = tl.exp2(dta[None, :] * A0) * (Ca[:, None] * dya[None, :] + M0)
+        M1 = tl.exp2(dtb[None, :] * A1) * (Cb[:, None] * dyb[None, :] + M1)
+        xa, za, ga = xna, zna, gna
+        xb, zb, gb = xnb, znb, gnb
+    # the combine reads direction 0's carries of chunks 1..n-1 and direction 1's of chunks 0..n-2
+    off0 = (b64 * nchunks + c) * N * E + ne_off
+    off1 = ((batch + b64) * nchunks + c) * N * E + ne_off
+    tl.store(R_ptr + off0, M0, mask=m2 & (c > 0))
+    tl.store(P_ptr + off0, tl.exp2(dtsum0[None, :] * A0), mask=m2 & (c > 0))
+    tl.store(R_ptr + off1, M1, mask=m2 & (c < nchunks - 1))
+    tl.store(P_ptr + off1, tl.exp2(dtsum1[None, :] * A1), mask=m2 & (c < nchunks - 1))
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -885,11 +934,12 @@ def _scan_fwd(u, delta, A, B, C, D, z, delta_bias, chunk_size=None, save=False, 
         if nchunks > 1:
             hloc = torch.empty_like(hin)
             P = torch.empty_like(hloc)
-            _fwd_chunk_state_kernel[(n_eb, batch, 2 * (nchunks - 1))](
+            _fwd_chunk_state_kernel[(n_eb, batch, nchunks)](
                 u, delta, A, B, delta_bias, hloc, P,
                 batch, E, L, N, chunk, nchunks,
                 *u.stride(), *delta.stride(), *B.stride(), 0,
                 BLOCK_E=BLOCK_E, BLOCK_N=BLOCK_N, EVEN_N=BLOCK_N == N, PF=_PF, FAST=u.is_cuda, num_warps=_FWD_WARPS,
+                **_launch_opts(u, _FWD_MAXNREG),
             )
             _combine(hloc, P, hin, batch, N * E, nchunks, reverse=False)
         _scan_fwd_kernel[(n_eb, batch, nchunks)](
@@ -937,11 +987,12 @@ def _scan_bwd(dout, u, delta, A, B, C, D, z, delta_bias, ysum, hin, chunk, seg=N
             if nchunks > 1:
                 R = torch.empty((2, batch, nchunks, N, E), dtype=f32, device=dev)
                 P = torch.empty_like(R)
-                _bwd_chunk_state_kernel[(triton.cdiv(E, 32), batch, 2 * (nchunks - 1))](
+                _bwd_chunk_state_kernel[(triton.cdiv(E, 32), batch, nchunks)](
                     delta, A, C, delta_bias, z, dout, R, P,
                     batch, E, L, N, chunk, nchunks,
                     *delta.stride(), *C.stride(), *z.stride(), *dout.stride(), 0,
                     BLOCK_E=32, BLOCK_N=BLOCK_N, EVEN_N=BLOCK_N == N, PF=_PF, FAST=u.is_cuda, num_warps=1,
+                    **_launch_opts(u, _FWD_MAXNREG),
                 )
                 Min = torch.empty_like(R)
                 _combine(R, P, Min, batch, N * E, nchunks, reverse=True)
