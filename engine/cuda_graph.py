@@ -47,7 +47,8 @@ class _Method(nn.Module):
 
 class GraphedTraining:
     """Calls module.method(x); while the module trains with gradients enabled, through a CUDA graph captured from
-    the first such call's input, replayed for every later input of the same shape, dtype and device.
+    the first such call's input, replayed for every later input of the same shape, dtype and device, and / or
+    through torch.compile. Other calls (evaluation, no gradients) run eagerly.
 
     capture: the capturing function (torch.cuda.make_graphed_callables; the tests pass a stand-in on the CPU), or
         None for no graph.

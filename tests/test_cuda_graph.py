@@ -8,7 +8,7 @@ import torch
 import run_finetune
 from engine.cuda_graph import GraphedTraining, check_compile, check_cuda_graph
 from finetune import Classifier
-from helpers import TINY_MODEL
+from helpers import TINY_MODEL, read_losses
 from pretrain import MaskedAutoencoder
 from test_clip import tiny_clip
 
@@ -168,3 +168,16 @@ def test_compile_refuses_zero3_and_modules_without_a_network():
     with pytest.raises(ValueError, match="no network to compile"):
         check_compile(torch.nn.Linear(2, 2), 0)
     check_compile(Classifier(tiny_vim(num_classes=3), 3, {}), 2)
+
+
+def test_train_compile_runs_the_task_with_eager_losses(tmp_path, default_data_cache):
+    """train.compile=true through the entry point (inductor on the CPU; about a minute of compiling): the same
+    losses as the eager run, step for step."""
+    args = ["--task", "classification", *TINY_MODEL, "optim.lr=3e-3", "optim.warmup_steps=0", "train.max_steps=3",
+            f"data.cache_dir={default_data_cache}", "seed=0"]
+    run_finetune.main([*args, f"output_dir={tmp_path / 'eager'}"])
+    run_finetune.main([*args, f"output_dir={tmp_path / 'compiled'}", "train.compile=true"])
+    eager, compiled = read_losses(tmp_path / "eager"), read_losses(tmp_path / "compiled")
+    assert sorted(compiled) == [1, 2, 3]
+    for step, loss in eager.items():
+        assert abs(compiled[step] - loss) < 1e-4, (step, compiled[step], loss)
