@@ -1031,6 +1031,7 @@ def _scan_grads(saved, dout, chunk, seg, backward):
 
 
 def _chunk_length(u, chunk_size):
+    """Tokens per chunk of the call with these inputs (what the backward needs of the forward's chunking)."""
     return _chunking(u.shape[1], u.shape[2], u.shape[3], chunk_size, u.device)[0]
 
 
