@@ -1,6 +1,8 @@
 """train.cuda_graph on CPU: when the wrapper captures, replays and falls back, what is refused, and that the tasks
 route their training call through it. The capture itself needs a GPU (BENCHMARKS.md has the GPU runs); here a
 stand-in capture returns a callable that counts its calls."""
+import functools
+
 import pytest
 import timm
 import torch
@@ -129,6 +131,41 @@ def test_clip_trains_through_the_graphed_image_tower():
     assert torch.allclose(loss, eager_loss)
     loss.backward()
     assert model.visual.patch_embed.proj.weight.grad is not None and model.text.token_embedding.weight.grad is not None
+
+
+@pytest.mark.parametrize("task", ["clip", "mae"])
+def test_pretraining_networks_compile_whole(monkeypatch, task):
+    """train.compile on MAE's network (encoder, decoder, loss) and on CLIP's image tower: each traces into one graph
+    (fullgraph: no graph break, so the compiler sees the whole network) and gives eager's loss and gradients.
+    aot_eager (the same tracing as inductor, without its code generation) keeps this fast on the CPU; the end-to-end
+    inductor run is the classification test below, and both objectives ran compiled on two H100s (BENCHMARKS.md)."""
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="aot_eager", fullgraph=True))
+    torch.manual_seed(0)
+    if task == "clip":
+        model = tiny_clip(["circle", "square"])
+        batch = {"image": torch.randn(3, 3, 32, 32), "text": model.tokenizer(["a circle.", "a square.", "a circle."])}
+    else:
+        model = MaskedAutoencoder(tiny_vim(num_classes=0), {}, decoder_embed_dim=16, decoder_depth=1, decoder_num_heads=2)
+        batch = {"image": torch.randn(3, 3, 32, 32)}
+
+    def loss_and_grads():
+        torch.manual_seed(1)                        # the same MAE masks in both runs
+        model.zero_grad()
+        loss = model(batch)[0]
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    eager_loss, eager_grads = loss_and_grads()
+    torch._dynamo.reset()
+    counters = torch._dynamo.utils.counters
+    counters.clear()
+    model.graph_network(lambda module, method: GraphedTraining(module, method, capture=None, compile=True))
+    loss, grads = loss_and_grads()
+    assert counters["stats"]["unique_graphs"] == 1
+    torch.testing.assert_close(loss, eager_loss)
+    assert grads.keys() == eager_grads.keys()
+    for name, grad in eager_grads.items():
+        torch.testing.assert_close(grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
 def test_cuda_graph_on_cpu_is_a_config_error(tmp_path, default_data_cache):
