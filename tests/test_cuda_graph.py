@@ -138,7 +138,7 @@ def test_pretraining_networks_compile_whole(monkeypatch, task):
     """train.compile on MAE's network (encoder, decoder, loss) and on CLIP's image tower: each traces into one graph
     (fullgraph: no graph break, so the compiler sees the whole network) and gives eager's loss and gradients.
     aot_eager (the same tracing as inductor, without its code generation) keeps this fast on the CPU; the end-to-end
-    inductor run is the classification test below, and both objectives ran compiled on two H100s (BENCHMARKS.md)."""
+    inductor run is the classification test below (MAE ran compiled on one and two H100s: BENCHMARKS.md)."""
     monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="aot_eager", fullgraph=True))
     torch.manual_seed(0)
     if task == "clip":
