@@ -1,9 +1,10 @@
 """Where a Vim training step spends its time: torch.profiler over a few steps on one GPU.
 
-    python -m bench.profile_step [--model vim_tiny_patch16_224] [--size 224] [--batch 128] [--top 25]
+    python -m bench.profile_step [--model vim_tiny_patch16_224] [--size 224] [--batch 128] [--top 25] [--compile]
 
 Prints the step's wall time, the GPU-busy time (sum of kernel times), the kernel launches per step, and the
-operators that cost most GPU time (bf16 autocast, fused AdamW; random inputs).
+operators that cost most GPU time (bf16 autocast, fused AdamW; random inputs). --compile: the model through
+torch.compile (compiled during the warm-up steps), as `train.compile` runs it.
 """
 import argparse
 import time
@@ -25,12 +26,15 @@ def main():
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--top", type=int, default=25)
     parser.add_argument("--infer", action="store_true", help="profile inference instead of a training step")
+    parser.add_argument("--compile", action="store_true", help="the model through torch.compile")
     args = parser.parse_args()
     kwargs = {"img_size": args.size}
     if args.patch:
         kwargs.update(patch_size=args.patch, stride=args.patch)
     model = timm.create_model(args.model, num_classes=1000, **kwargs).cuda()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+    if args.compile:
+        model = torch.compile(model)
     images = torch.randn(args.batch, 3, args.size, args.size, device="cuda")
     labels = torch.randint(0, 1000, (args.batch,), device="cuda")
 
@@ -56,7 +60,8 @@ def main():
         wall_ms = (time.perf_counter() - start) * 1e3 / args.steps
     kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
     busy_ms = sum(e.device_time for e in kernels) / 1e3 / args.steps
-    print(f"{args.model} size {args.size} batch {args.batch} {'inference' if args.infer else 'train step'}: "
+    print(f"{args.model}{' compiled' if args.compile else ''} size {args.size} batch {args.batch} "
+          f"{'inference' if args.infer else 'train step'}: "
           f"wall {wall_ms:.1f} ms/step (with profiler), GPU busy {busy_ms:.1f} ms/step, "
           f"{len(kernels) / args.steps:.0f} kernels/step")
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=args.top, max_name_column_width=60))

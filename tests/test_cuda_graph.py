@@ -145,7 +145,8 @@ def test_pretraining_networks_compile_whole(monkeypatch, task):
         model = tiny_clip(["circle", "square"])
         batch = {"image": torch.randn(3, 3, 32, 32), "text": model.tokenizer(["a circle.", "a square.", "a circle."])}
     else:
-        model = MaskedAutoencoder(tiny_vim(num_classes=0), {}, decoder_embed_dim=16, decoder_depth=1, decoder_num_heads=2)
+        model = MaskedAutoencoder(tiny_vim(num_classes=0), {}, decoder_embed_dim=16, decoder_depth=1,
+                                  decoder_num_heads=2)
         batch = {"image": torch.randn(3, 3, 32, 32)}
 
     def loss_and_grads():
