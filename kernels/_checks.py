@@ -45,6 +45,6 @@ def check_orders(orders, K, batch, L, check_values=True):
         raise ValueError(f"orders must be int32 or int64, got {orders.dtype}")
     if tuple(orders.shape) not in ((K, L), (K, batch, L)):
         raise ValueError(f"orders must have shape {(K, L)} or {(K, batch, L)}, got {tuple(orders.shape)}")
-    if check_values and orders.device.type == "cpu" and not torch.equal(orders.sort(dim=-1).values,
-                                                       torch.arange(L, dtype=orders.dtype).expand(orders.shape)):
+    if check_values and orders.device.type == "cpu" and not torch.equal(
+            orders.sort(dim=-1).values, torch.arange(L, dtype=orders.dtype).expand(orders.shape)):
         raise ValueError("every row of orders must be a permutation of 0..L-1")

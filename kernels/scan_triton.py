@@ -183,6 +183,12 @@ def _prefetch_token(u_ptrs, d_ptrs, B_row, C_row, me, FAST: tl.constexpr):
 
 
 @triton.jit
+def _directions(ptr, s_d):
+    """Pointers into direction 0 and direction 1 of a (2, ...) tensor whose direction stride is s_d."""
+    return ptr, ptr + s_d
+
+
+@triton.jit
 def _direction_params(A_ptr, bias_ptr, ne_off, e, E, N, m2, me):
     """Both directions' A (times log2 e, for exp2) as [N, E] tiles and dt biases as [E] vectors."""
     A0 = tl.load(A_ptr + ne_off, mask=m2, other=0.0) * LOG2E
@@ -252,14 +258,10 @@ def _fwd_chunk_state_kernel(
 
     ne_off = zero + n[:, None] * E + e[None, :]            # see _scan_fwd_kernel: [N, E] tiles, channels over lanes
     A0, A1, bias0, bias1 = _direction_params(A_ptr, bias_ptr, ne_off, e, E, N, m2, me)
-    u0 = u_ptr + b64 * su_b + e * su_e
-    u1 = u0 + su_d
-    d0 = dl_ptr + b64 * sd_b + e * sd_e
-    d1 = d0 + sd_d
-    B0 = B_ptr + b64 * sB_b + n * sB_n
-    B1 = B0 + sB_d
-    B0r = B_ptr + b64 * sB_b
-    B1r = B0r + sB_d
+    u0, u1 = _directions(u_ptr + b64 * su_b + e * su_e, su_d)
+    d0, d1 = _directions(dl_ptr + b64 * sd_b + e * sd_e, sd_d)
+    B0, B1 = _directions(B_ptr + b64 * sB_b + n * sB_n, sB_d)
+    B0r, B1r = _directions(B_ptr + b64 * sB_b, sB_d)
 
     # direction 0 walks the chunk from its first token, direction 1 from its last; loads as in the main pass (u a
     # token ahead, delta two, dt one, B at use)
@@ -377,19 +379,14 @@ def _scan_fwd_kernel(
         h0 = tl.zeros([BLOCK_N, BLOCK_E], tl.float32)
         h1 = tl.zeros([BLOCK_N, BLOCK_E], tl.float32)
 
-    u0 = u_ptr + b64 * su_b + e * su_e
-    u1 = u0 + su_d
-    d0 = dl_ptr + b64 * sd_b + e * sd_e
-    d1 = d0 + sd_d
-    B0 = B_ptr + b64 * sB_b + n * sB_n
-    B1 = B0 + sB_d
-    C0 = C_ptr + b64 * sC_b + n * sC_n
-    C1 = C0 + sC_d
+    u0, u1 = _directions(u_ptr + b64 * su_b + e * su_e, su_d)
+    d0, d1 = _directions(dl_ptr + b64 * sd_b + e * sd_e, sd_d)
+    B0, B1 = _directions(B_ptr + b64 * sB_b + n * sB_n, sB_d)
+    C0, C1 = _directions(C_ptr + b64 * sC_b + n * sC_n, sC_d)
     zr = z_ptr + b64 * sz_b + e * sz_e
-    B0r = B_ptr + b64 * sB_b                         # B, C row addresses (scalars), for the prefetches
-    B1r = B0r + sB_d
-    C0r = C_ptr + b64 * sC_b
-    C1r = C0r + sC_d
+    # B, C row addresses (scalars), for the prefetches
+    B0r, B1r = _directions(B_ptr + b64 * sB_b, sB_d)
+    C0r, C1r = _directions(C_ptr + b64 * sC_b, sC_d)
     o_off = b64 * so_b + e * so_e
     pr = part_ptr + o_off
     orow = out_ptr + o_off
@@ -500,12 +497,9 @@ def _bwd_chunk_state_kernel(
 
     ne_off = zero + n[:, None] * E + e[None, :]            # see _scan_fwd_kernel: [N, E] tiles, channels over lanes
     A0, A1, bias0, bias1 = _direction_params(A_ptr, bias_ptr, ne_off, e, E, N, m2, me)
-    d0 = dl_ptr + b64 * sd_b + e * sd_e
-    d1 = d0 + sd_d
-    C0 = C_ptr + b64 * sC_b + n * sC_n
-    C1 = C0 + sC_d
-    C0r = C_ptr + b64 * sC_b
-    C1r = C0r + sC_d
+    d0, d1 = _directions(dl_ptr + b64 * sd_b + e * sd_e, sd_d)
+    C0, C1 = _directions(C_ptr + b64 * sC_b + n * sC_n, sC_d)
+    C0r, C1r = _directions(C_ptr + b64 * sC_b, sC_d)
     z_p = z_ptr + b64 * sz_b + e * sz_e
     g_p = dout_ptr + b64 * sg_b + e * sg_e
 
