@@ -467,6 +467,14 @@ def _scan_fwd_kernel(
 # in one program. M_t = exp(dt_t A) v_t with v_t = C_t dy_t + M_{t+1} (t in scan order); a chunk maps
 # M_in -> R + P * M_in.
 # ----------------------------------------------------------------------------------------------------------------------
+@triton.jit
+def _adjoint_loads(d0, d1, z_p, g_p, ta, tb, sd_l, sz_l, sg_l, me):
+    """The adjoint sweep's per-channel inputs: delta of direction 0 at token ta and of direction 1 at tb, and z and
+    dout (shared by the directions) at both tokens."""
+    return (_load_f32(d0 + ta * sd_l, me), _load_f32(d1 + tb * sd_l, me), _load_f32(z_p + ta * sz_l, me),
+            _load_f32(z_p + tb * sz_l, me), _load_f32(g_p + ta * sg_l, me), _load_f32(g_p + tb * sg_l, me))
+
+
 @triton.jit(do_not_specialize=["zero"])
 def _bwd_chunk_state_kernel(
     # pointers
@@ -509,23 +517,13 @@ def _bwd_chunk_state_kernel(
     M1 = tl.zeros([BLOCK_N, BLOCK_E], tl.float32)
     dtsum0 = tl.zeros([BLOCK_E], tl.float32)
     dtsum1 = tl.zeros([BLOCK_E], tl.float32)
-    xa = _load_f32(d0 + last * sd_l, me)
-    xb = _load_f32(d1 + t0 * sd_l, me)
-    za = _load_f32(z_p + last * sz_l, me)
-    zb = _load_f32(z_p + t0 * sz_l, me)
-    ga = _load_f32(g_p + last * sg_l, me)
-    gb = _load_f32(g_p + t0 * sg_l, me)
+    xa, xb, za, zb, ga, gb = _adjoint_loads(d0, d1, z_p, g_p, last, t0, sd_l, sz_l, sg_l, me)
     for s in range(0, T):
         ta = last - s
         tb = t0 + s
         na = tl.maximum(ta - 1, t0)                   # next token's per-channel loads first (latency-bound loop)
         nb = tl.minimum(tb + 1, last)
-        xna = _load_f32(d0 + na * sd_l, me)
-        xnb = _load_f32(d1 + nb * sd_l, me)
-        zna = _load_f32(z_p + na * sz_l, me)
-        znb = _load_f32(z_p + nb * sz_l, me)
-        gna = _load_f32(g_p + na * sg_l, me)
-        gnb = _load_f32(g_p + nb * sg_l, me)
+        xna, xnb, zna, znb, gna, gnb = _adjoint_loads(d0, d1, z_p, g_p, na, nb, sd_l, sz_l, sg_l, me)
         Ca = _load_n(C0 + ta * sC_l, mn, EVEN_N)
         Cb = _load_n(C1 + tb * sC_l, mn, EVEN_N)
         if PF > 0:
