@@ -109,9 +109,9 @@ def main():
     print(f"triton {triton.__version__}, sm_90, call shape (batch, E, L) = ({batch}, {E}, {L}), bf16 token-major")
     for setting in a.settings:
         with scan_setting(setting) as values, CompileInsteadOfLaunch() as report:
-            _, _, hin = scan_triton._scan_fwd(*xs, save=True)  # long sequences: cut into chunks
+            _, _, hin = scan_triton._scan_fwd(*xs, save=True, save_states=True)  # the training forward
             chunk, _ = scan_triton._chunking(batch, E, L, None, xs[0].device)
-            scan_triton._scan_bwd(dout, *xs, ysum, hin, chunk)
+            scan_triton._scan_bwd(dout, *xs, ysum, hin, chunk, saved_ck=scan_triton._saves_checkpoints(True, True))
         print(f"\nsetting {setting}: " + ", ".join(f"{k} {v}" for k, v in zip(SHOWN, values)))
         for name, compiled in report.compiled:
             usage, count, mnemonics, loops = sass_report(compiled)

@@ -34,6 +34,7 @@ class ModelConfig:
     drop_rate: typing.Optional[float] = None
     drop_path_rate: typing.Optional[float] = None
     scan_backend: typing.Optional[str] = None
+    scan_save_states: typing.Optional[bool] = None  # Triton scan: keep states for the backward (faster, more memory)
     cls_mode: typing.Optional[str] = None           # middle | head | double | mean | max
     bidir_mode: typing.Optional[str] = None         # v2 | ssm | block | sequence | none
     scan_orders: typing.Optional[typing.List[str]] = None   # v2 only: [row, row_reverse, col, col_reverse, ...]

@@ -20,7 +20,7 @@ def available_backends():
     return backends
 
 
-def bidirectional_scan(u, delta, A, B, C, D, z, delta_bias, backend=None):
+def bidirectional_scan(u, delta, A, B, C, D, z, delta_bias, backend=None, save_states=True):
     """Bidirectional selective scan of Vim's v2 mixer, both directions in one call.
 
     Args:
@@ -31,6 +31,8 @@ def bidirectional_scan(u, delta, A, B, C, D, z, delta_bias, backend=None):
         D, delta_bias: (2, E).
         z: (batch, E, L), the gate shared by both directions.
         backend: "reference" (pure PyTorch), "triton" (fused kernel) or None (triton on CUDA, else reference).
+        save_states: Triton backend, when gradients are needed: the forward keeps the states its backward would
+            otherwise recompute (8 bytes a channel and token: a faster backward for more activation memory).
     Returns:
         y: (batch, E, L) in u's dtype, y = silu(z) * (y_fwd + y_bwd) / 2 with, per direction,
         dt = softplus(delta + delta_bias), h_t = exp(dt_t A) h_prev + dt_t B_t u_t, y_t = <h_t, C_t> + D u_t.
@@ -39,7 +41,7 @@ def bidirectional_scan(u, delta, A, B, C, D, z, delta_bias, backend=None):
     if backend == "reference":
         return bidirectional_scan_ref(u, delta, A, B, C, D, z, delta_bias)
     from .scan_triton import bidirectional_scan_triton
-    return bidirectional_scan_triton(u, delta, A, B, C, D, z, delta_bias)
+    return bidirectional_scan_triton(u, delta, A, B, C, D, z, delta_bias, save_states=save_states)
 
 
 def multidirectional_scan(u, delta, A, B, C, D, z, delta_bias, orders, backend=None):

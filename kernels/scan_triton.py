@@ -18,12 +18,13 @@ What is fused
   starts from the carried state.
 - Backward (one direction per program): gradients of u, delta, A, B, C, D, z and delta_bias. It needs h_{t-1} while
   walking t backwards; reversing the recurrence divides by exp(dt A) (unstable) and storing every h is an (E, N, L)
-  tensor, so states are recomputed: phase 1 keeps a checkpoint every CK tokens in a scratch buffer; each CK block is
-  then re-swept (also producing dC) into level-2 checkpoints every SEG tokens (a small scratch rewritten per block, so
-  it stays in L1/L2); each SEG segment is recomputed into registers (a constexpr-unrolled tuple) and walked backwards
-  with the adjoint v_t = C_t dy_t + exp(dt_{t+1} A) v_{t+1}. Chunk-boundary adjoints come from
-  `_bwd_chunk_state_kernel` + the combine kernel. The forward saves only y_fwd + y_bwd and, for chunked sequences,
-  the chunk start states (N x E per chunk).
+  tensor, so states are recomputed: level-1 checkpoints, the state every CK tokens, come from the training forward
+  (`save_states`, the default: 8 bytes a channel and token for both directions) or else from a first sweep of the
+  backward (phase 1); each CK block is then re-swept (also producing dC) into level-2 checkpoints every SEG tokens (a
+  small scratch rewritten per block, so it stays in L1/L2); each SEG segment is recomputed into registers (a
+  constexpr-unrolled tuple) and walked backwards with the adjoint v_t = C_t dy_t + exp(dt_{t+1} A) v_{t+1}.
+  Chunk-boundary adjoints come from `_bwd_chunk_state_kernel` + the combine kernel. Besides the level-1 checkpoints
+  the forward saves y_fwd + y_bwd and, for chunked sequences without them, the chunk start states (N x E per chunk).
 - dB and dC are sums over channels, i.e. across the 32 lanes, per token: a butterfly reduce-scatter (`_col_sum`,
   tl.split + a lane-xor tl.gather that compiles to one warp shuffle per register) costs N shuffles per tile instead
   of 5 per value for a reduction tree. `_BWD_BLOCK_E` 16 or 8 puts a channel's N states on 2 or 4 lanes instead
@@ -199,6 +200,17 @@ def _direction_params(A_ptr, bias_ptr, ne_off, e, E, N, m2, me):
 
 
 @triton.jit
+def _save_checkpoints(ck_ptr, run0, run1, ck_off, s, h0, h1, CK: tl.constexpr, TILE: tl.constexpr):
+    """Both directions' states before scan position s, if s starts a CK block: tile s // CK of each direction's run
+    of the backward's level-1 checkpoints (int64 offsets throughout, so the 16 addresses of a tile are one register
+    pair plus immediates)."""
+    if s % CK == 0:
+        tile = ck_ptr + (s // CK) * TILE + ck_off
+        tl.store(tile + run0, h0)
+        tl.store(tile + run1, h1)
+
+
+@triton.jit
 def _fwd_prologue(u0, u1, d0, d1, ta, tb, t0, last, su_l, sd_l, bias0, bias1, me, FAST: tl.constexpr):
     """What the forward's loops carry into their first token (ta for direction 0, tb for direction 1): u, dt, and
     the next token's delta."""
@@ -337,9 +349,9 @@ def _chunk_combine_kernel(
 @triton.jit(do_not_specialize=["zero"])
 def _scan_fwd_kernel(
     # pointers
-    u_ptr, dl_ptr, A_ptr, B_ptr, C_ptr, D_ptr, bias_ptr, z_ptr, hin_ptr, part_ptr, out_ptr, ysum_ptr,
+    u_ptr, dl_ptr, A_ptr, B_ptr, C_ptr, D_ptr, bias_ptr, z_ptr, hin_ptr, part_ptr, out_ptr, ysum_ptr, ck_ptr,
     # dimensions
-    batch, E, L, N, chunk, nchunks,
+    batch, E, L, N, chunk, nchunks, nblk,
     # strides
     su_d, su_b, su_e, su_l,
     sd_d, sd_b, sd_e, sd_l,
@@ -350,7 +362,8 @@ def _scan_fwd_kernel(
     zero,
     # meta-parameters
     BLOCK_E: tl.constexpr, BLOCK_N: tl.constexpr, LOG_N: tl.constexpr, HAS_CARRY: tl.constexpr,
-    SAVE_YSUM: tl.constexpr, EVEN_N: tl.constexpr, PF: tl.constexpr, FAST: tl.constexpr,
+    SAVE_YSUM: tl.constexpr, SAVE_CK: tl.constexpr, CK: tl.constexpr, EVEN_N: tl.constexpr, PF: tl.constexpr,
+    FAST: tl.constexpr,
 ):
     pid_e = tl.program_id(0)
     b = tl.program_id(1)
@@ -391,6 +404,12 @@ def _scan_fwd_kernel(
     pr = part_ptr + o_off
     orow = out_ptr + o_off
     yrow = ysum_ptr + o_off
+    # SAVE_CK: the backward's level-1 checkpoints (the state before every CK-th position of each direction, laid out
+    # as the backward's scratch: one run of nblk [N, BLOCK_E] tiles per (direction, batch, chunk, channel block))
+    TILE: tl.constexpr = BLOCK_E * BLOCK_N
+    ck_off = zero.to(tl.int64) + n[:, None] * BLOCK_E + tl.arange(0, BLOCK_E)[None, :]
+    ck_run0 = ((b64 * nchunks + c) * tl.num_programs(0) + pid_e) * nblk * TILE
+    ck_run1 = (((batch + b64) * nchunks + c) * tl.num_programs(0) + pid_e) * nblk * TILE
 
     # The recurrences are latency-bound (one warp walks all tokens), so work is issued ahead of its use: the inputs
     # PF tokens ahead are prefetched into L1, u is loaded one token ahead and delta two, and dt = softplus(delta +
@@ -405,6 +424,8 @@ def _scan_fwd_kernel(
     for s in range(0, half):
         tf = t0 + s
         tb = last - s
+        if SAVE_CK:
+            _save_checkpoints(ck_ptr, ck_run0, ck_run1, ck_off, s, h0, h1, CK, TILE)
         una, unb, xna, xnb, Ba, Ca, Bb, Cb = _fwd_loads(u0, u1, d0, d1, B0, B1, C0, C1, tf, tb, tf + 1, tb - 1, t0,
                                                         last, su_l, sd_l, sB_l, sC_l, me, mn, EVEN_N)
         if PF > 0:
@@ -428,6 +449,8 @@ def _scan_fwd_kernel(
     for s in range(half, T):
         tf = t0 + s
         tb = last - s
+        if SAVE_CK:
+            _save_checkpoints(ck_ptr, ck_run0, ck_run1, ck_off, s, h0, h1, CK, TILE)
         nf = tl.minimum(tf + 1, last)
         nb = tl.maximum(tb - 1, t0)
         una, unb, xna, xnb, Ba, Ca, Bb, Cb = _fwd_loads(u0, u1, d0, d1, B0, B1, C0, C1, tf, tb, nf, nb, t0, last,
@@ -661,7 +684,8 @@ def _scan_bwd_kernel(
     zero,
     # meta-parameters
     BLOCK_E: tl.constexpr, LOG_C: tl.constexpr, BLOCK_N: tl.constexpr, SCATTER: tl.constexpr, CK: tl.constexpr,
-    SEG: tl.constexpr, HAS_CARRY: tl.constexpr, EVEN_N: tl.constexpr, PF: tl.constexpr, FAST: tl.constexpr,
+    SEG: tl.constexpr, HAS_CARRY: tl.constexpr, SAVED_CK: tl.constexpr, EVEN_N: tl.constexpr, PF: tl.constexpr,
+    FAST: tl.constexpr,
 ):
     NSUB: tl.constexpr = (CK + SEG - 1) // SEG
     TILE: tl.constexpr = BLOCK_E * BLOCK_N
@@ -725,13 +749,14 @@ def _scan_bwd_kernel(
 
     # phase 1: forward recurrence from the chunk's start state, a checkpoint before every CK tokens (next token's
     # loads issued before this token's arithmetic, as in the forward kernel)
-    if HAS_CARRY:
-        h = tl.load(hin_ptr + cbase + ne_off, mask=m2, other=0.0)
-    else:
-        h = tl.zeros([BLOCK_N, BLOCK_E], tl.float32)
-    _sweep(h, A2, bias, 0, T, T, tbase, tstep, u_p, d_p, B_p, su_l, sd_l, sB_l, me, mn, ck, ck_off,
-           z_p, g_p, sz_l, sg_l, dC_p, mBC, col, N, Br, Cr, y_p, sC_l, sy_l, d,
-           CK, TILE, EVEN_N, FAST, False, SCATTER, LOG_C, PF)
+    if not SAVED_CK:  # (else the forward kept them)
+        if HAS_CARRY:
+            h = tl.load(hin_ptr + cbase + ne_off, mask=m2, other=0.0)
+        else:
+            h = tl.zeros([BLOCK_N, BLOCK_E], tl.float32)
+        _sweep(h, A2, bias, 0, T, T, tbase, tstep, u_p, d_p, B_p, su_l, sd_l, sB_l, me, mn, ck, ck_off,
+               z_p, g_p, sz_l, sg_l, dC_p, mBC, col, N, Br, Cr, y_p, sC_l, sy_l, d,
+               CK, TILE, EVEN_N, FAST, False, SCATTER, LOG_C, PF)
 
     # phase 2: CK blocks from the last; each is re-swept into level-2 checkpoints (producing dC on the way), then its
     # SEG-token sub-blocks are recomputed into registers (the stash) and walked backwards (producing the rest)
@@ -906,21 +931,31 @@ def _chunking(batch, E, L, chunk_size, device):
     return chunk, triton.cdiv(L, chunk)
 
 
-def _scan_fwd(u, delta, A, B, C, D, z, delta_bias, chunk_size=None, save=False, launch=True):
-    """Returns out (batch, E, L) in u's dtype; when `save`, also ysum (y_fwd + y_bwd, u's dtype) and the chunk start
-    states (2, batch, nchunks, N, E) fp32, each empty where unused (not saved, or a single chunk).
+def _saves_checkpoints(save, save_states):
+    """Whether a forward keeps the backward's level-1 checkpoints (its programs must cover the backward's channels)."""
+    return save and save_states and 32 * _FWD_WARPS == _BWD_BLOCK_E
+
+
+def _scan_fwd(u, delta, A, B, C, D, z, delta_bias, chunk_size=None, save=False, save_states=False, launch=True):
+    """Returns out (batch, E, L) in u's dtype; when `save`, also ysum (y_fwd + y_bwd, u's dtype) and the states the
+    backward starts from: the chunk start states (2, batch, nchunks, N, E) fp32, or with save_states every level-1
+    checkpoint (the backward's scratch layout), each empty where unused (not saved, or a single chunk).
     launch=False allocates the outputs and runs nothing: the custom op's fake, with the real strides by construction."""
     batch, E, L, N, A, D, delta_bias, B, C = _prep(u, delta, A, B, C, D, z, delta_bias)
     dev = u.device
     chunk, nchunks = _chunking(batch, E, L, chunk_size, dev)
-    out = _empty_like_layout(u, (batch, E, L), u.dtype)
-    ysum = _empty_like_layout(u, (batch, E, L), u.dtype) if save else u.new_empty(0)
-    hin = torch.empty((2, batch, nchunks, N, E), dtype=torch.float32, device=dev) if nchunks > 1 else u.new_empty(0)
-    if not launch:
-        return out, ysum, hin
     BLOCK_E = 32 * _FWD_WARPS
     BLOCK_N = triton.next_power_of_2(N)
     n_eb = triton.cdiv(E, BLOCK_E)
+    nblk = triton.cdiv(chunk, _CK)
+    save_ck = _saves_checkpoints(save, save_states)
+    out = _empty_like_layout(u, (batch, E, L), u.dtype)
+    ysum = _empty_like_layout(u, (batch, E, L), u.dtype) if save else u.new_empty(0)
+    hin = torch.empty((2, batch, nchunks, N, E), dtype=torch.float32, device=dev) if nchunks > 1 else u.new_empty(0)
+    ck = (torch.empty((2 * batch * nchunks * n_eb * nblk, BLOCK_E * BLOCK_N), dtype=torch.float32, device=dev)
+          if save_ck else None)
+    if not launch:
+        return out, ysum, ck if save_ck else hin
     part = _empty_like_layout(u, (batch, E, L), torch.float32)
     with _device_ctx(u):
         if nchunks > 1:
@@ -936,13 +971,14 @@ def _scan_fwd(u, delta, A, B, C, D, z, delta_bias, chunk_size=None, save=False, 
             _combine(hloc, P, hin, batch, N * E, nchunks, reverse=False)
         _scan_fwd_kernel[(n_eb, batch, nchunks)](
             u, delta, A, B, C, D, delta_bias, z, hin if nchunks > 1 else part, part, out, ysum if save else out,
-            batch, E, L, N, chunk, nchunks,
+            ck if save_ck else part,
+            batch, E, L, N, chunk, nchunks, nblk,
             *u.stride(), *delta.stride(), *B.stride(), *C.stride(), *z.stride(), *out.stride(), 0,
             BLOCK_E=BLOCK_E, BLOCK_N=BLOCK_N, LOG_N=BLOCK_N.bit_length() - 1, HAS_CARRY=nchunks > 1, SAVE_YSUM=save,
-            EVEN_N=BLOCK_N == N, PF=_PF, FAST=u.is_cuda,
+            SAVE_CK=save_ck, CK=_CK, EVEN_N=BLOCK_N == N, PF=_PF, FAST=u.is_cuda,
             num_warps=_FWD_WARPS, **_launch_opts(u, _FWD_MAXNREG),
         )
-    return out, ysum, hin
+    return out, ysum, ck if save_ck else hin
 
 
 def _combine(S, P, X, batch, NE, nchunks, reverse):
@@ -950,9 +986,10 @@ def _combine(S, P, X, batch, NE, nchunks, reverse):
     _chunk_combine_kernel[(triton.cdiv(NE, BLOCK), batch, 2)](S, P, X, batch, NE, nchunks, REVERSE=reverse, BLOCK=BLOCK)
 
 
-def _scan_bwd(dout, u, delta, A, B, C, D, z, delta_bias, ysum, hin, chunk, seg=None, launch=True):
+def _scan_bwd(dout, u, delta, A, B, C, D, z, delta_bias, ysum, hin, chunk, seg=None, saved_ck=False, launch=True):
     """Gradients (du, ddelta, dA, dB, dC, dD, dz, d delta_bias); dA, dB, dC, dD, d delta_bias in fp32. hin: the
-    forward's chunk start states (empty for one chunk). launch=False: allocation only, as in `_scan_fwd`."""
+    forward's chunk start states (empty for one chunk), or with saved_ck its level-1 checkpoints. launch=False:
+    allocation only, as in `_scan_fwd`."""
     batch, E, L, N, A, D, delta_bias, B, C = _prep(u, delta, A, B, C, D, z, delta_bias)
     dev = u.device
     nchunks = triton.cdiv(L, chunk)
@@ -989,11 +1026,16 @@ def _scan_bwd(dout, u, delta, A, B, C, D, z, delta_bias, ysum, hin, chunk, seg=N
                 Min = torch.empty_like(R)
                 _combine(R, P, Min, batch, N * E, nchunks, reverse=True)
             nprog = 2 * batch * nchunks * n_eb
-            ck = torch.empty((nprog * nblk, BLOCK_E * BLOCK_N), dtype=f32, device=dev)
+            if saved_ck:
+                if hin.shape != (nprog * nblk, BLOCK_E * BLOCK_N):
+                    raise ValueError("the forward's checkpoints do not match the backward's blocks")
+                ck = hin
+            else:
+                ck = torch.empty((nprog * nblk, BLOCK_E * BLOCK_N), dtype=f32, device=dev)
             ck2 = torch.empty((nprog * triton.cdiv(CK, SEG), BLOCK_E * BLOCK_N), dtype=f32, device=dev)
             _scan_bwd_kernel[(n_eb, batch, 2 * nchunks)](
                 u, delta, A, B, C, D, delta_bias, z, dout, ysum,
-                hin if nchunks > 1 else ck, Min if Min is not None else ck, ck, ck2,
+                hin if nchunks > 1 and not saved_ck else ck, Min if Min is not None else ck, ck, ck2,
                 du, ddelta, dz, dB_part, dC_part, dA_part, dD_part, db_part,
                 batch, E, L, N, chunk, nchunks, nblk,
                 *u.stride(), *delta.stride(), *B.stride(), *C.stride(), *z.stride(), *dout.stride(), *ysum.stride(),
@@ -1001,7 +1043,8 @@ def _scan_bwd(dout, u, delta, A, B, C, D, z, delta_bias, ysum, hin, chunk, seg=N
                 0,
                 BLOCK_E=BLOCK_E, LOG_C=BLOCK_E.bit_length() - 1, BLOCK_N=BLOCK_N,
                 SCATTER=_scatter_levels(BLOCK_N, BLOCK_E, _BWD_WARPS), CK=CK, SEG=SEG, HAS_CARRY=nchunks > 1,
-                EVEN_N=BLOCK_N == N, PF=_PF, FAST=u.is_cuda, num_warps=_BWD_WARPS, **_launch_opts(u, _BWD_MAXNREG),
+                SAVED_CK=saved_ck, EVEN_N=BLOCK_N == N, PF=_PF, FAST=u.is_cuda, num_warps=_BWD_WARPS,
+                **_launch_opts(u, _BWD_MAXNREG),
             )
     dB = dB_part.sum(0).transpose(-1, -2)
     dC = dC_part.sum(0).transpose(-1, -2)
@@ -1014,10 +1057,11 @@ def _scan_bwd(dout, u, delta, A, B, C, D, z, delta_bias, ysum, hin, chunk, seg=N
 # and fuses the model's other work around. The operator's dispatch costs more host time a call than the Function
 # (BENCHMARKS.md, "torch.compile"), which eager training at small resolutions would pay.
 # ----------------------------------------------------------------------------------------------------------------------
-def _scan_grads(saved, dout, chunk, seg, backward):
-    """Gradients of the 8 tensor inputs, in their dtypes, from the saved tensors (inputs, ysum, chunk states)."""
+def _scan_grads(saved, dout, chunk, seg, saved_ck, backward):
+    """Gradients of the 8 tensor inputs, in their dtypes, from the saved tensors (inputs, ysum, states)."""
     u, delta, A, B, C, D, z, delta_bias, ysum, hin = saved
-    du, ddelta, dA, dB, dC, dD, dz, dbias = backward(dout, u, delta, A, B, C, D, z, delta_bias, ysum, hin, chunk, seg)
+    du, ddelta, dA, dB, dC, dD, dz, dbias = backward(dout, u, delta, A, B, C, D, z, delta_bias, ysum, hin, chunk, seg,
+                                                     saved_ck)
     return (du, ddelta, dA.to(A.dtype), dB.to(B.dtype), dC.to(C.dtype), dD.to(D.dtype), dz,
             dbias.to(delta_bias.dtype))
 
@@ -1029,58 +1073,60 @@ def _chunk_length(u, chunk_size):
 
 class _ScanFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, chunk_size, seg):
-        out, ysum, hin = _scan_fwd(u, delta, A, B, C, D, z, delta_bias, chunk_size, save=True)
+    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, chunk_size, seg, save_states):
+        out, ysum, hin = _scan_fwd(u, delta, A, B, C, D, z, delta_bias, chunk_size, save=True, save_states=save_states)
         ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, ysum, hin)
-        ctx.chunk, ctx.seg = _chunk_length(u, chunk_size), seg
+        ctx.chunk, ctx.seg, ctx.saved_ck = _chunk_length(u, chunk_size), seg, _saves_checkpoints(True, save_states)
         return out
 
     @staticmethod
     def backward(ctx, dout):
-        return *_scan_grads(ctx.saved_tensors, dout, ctx.chunk, ctx.seg, _scan_bwd), None, None
+        return *_scan_grads(ctx.saved_tensors, dout, ctx.chunk, ctx.seg, ctx.saved_ck, _scan_bwd), None, None, None
 
 
 @torch.library.custom_op("vim::bidirectional_scan", mutates_args=())
 def _scan_op(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor, z: Tensor, delta_bias: Tensor,
-             chunk_size: Optional[int], seg: Optional[int], save: bool) -> tuple[Tensor, Tensor, Tensor]:
-    """(out, ysum, chunk start states); `seg` is the backward's (an argument here so that the backward sees it)."""
-    return _scan_fwd(u, delta, A, B, C, D, z, delta_bias, chunk_size, save)
+             chunk_size: Optional[int], seg: Optional[int], save: bool, save_states: bool
+             ) -> tuple[Tensor, Tensor, Tensor]:
+    """(out, ysum, the backward's states); `seg` is the backward's (an argument here so that the backward sees it)."""
+    return _scan_fwd(u, delta, A, B, C, D, z, delta_bias, chunk_size, save, save_states)
 
 
 @_scan_op.register_fake
-def _scan_op_fake(u, delta, A, B, C, D, z, delta_bias, chunk_size, seg, save):
-    return _scan_fwd(u, delta, A, B, C, D, z, delta_bias, chunk_size, save, launch=False)
+def _scan_op_fake(u, delta, A, B, C, D, z, delta_bias, chunk_size, seg, save, save_states):
+    return _scan_fwd(u, delta, A, B, C, D, z, delta_bias, chunk_size, save, save_states, launch=False)
 
 
 @torch.library.custom_op("vim::bidirectional_scan_backward", mutates_args=())
 def _scan_bwd_op(dout: Tensor, u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor, z: Tensor,
-                 delta_bias: Tensor, ysum: Tensor, hin: Tensor, chunk: int, seg: Optional[int]
+                 delta_bias: Tensor, ysum: Tensor, hin: Tensor, chunk: int, seg: Optional[int], saved_ck: bool
                  ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    return _scan_bwd(dout, u, delta, A, B, C, D, z, delta_bias, ysum, hin, chunk, seg)
+    return _scan_bwd(dout, u, delta, A, B, C, D, z, delta_bias, ysum, hin, chunk, seg, saved_ck)
 
 
 @_scan_bwd_op.register_fake
-def _scan_bwd_op_fake(dout, u, delta, A, B, C, D, z, delta_bias, ysum, hin, chunk, seg):
-    return _scan_bwd(dout, u, delta, A, B, C, D, z, delta_bias, ysum, hin, chunk, seg, launch=False)
+def _scan_bwd_op_fake(dout, u, delta, A, B, C, D, z, delta_bias, ysum, hin, chunk, seg, saved_ck):
+    return _scan_bwd(dout, u, delta, A, B, C, D, z, delta_bias, ysum, hin, chunk, seg, saved_ck, launch=False)
 
 
 def _scan_op_setup_context(ctx, inputs, output):
-    u, delta, A, B, C, D, z, delta_bias, chunk_size, seg, save = inputs
+    u, delta, A, B, C, D, z, delta_bias, chunk_size, seg, save, save_states = inputs
     _, ysum, hin = output
     ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, ysum, hin)
     ctx.chunk, ctx.seg, ctx.saved = _chunk_length(u, chunk_size), seg, save
+    ctx.saved_ck = _saves_checkpoints(save, save_states)
 
 
 def _scan_op_backward(ctx, dout, *_):
     if not ctx.saved:
         raise RuntimeError("backward through a scan run with save=False (no gradients were required then)")
-    return *_scan_grads(ctx.saved_tensors, dout, ctx.chunk, ctx.seg, _scan_bwd_op), None, None, None
+    return *_scan_grads(ctx.saved_tensors, dout, ctx.chunk, ctx.seg, ctx.saved_ck, _scan_bwd_op), None, None, None, None
 
 
 _scan_op.register_autograd(_scan_op_backward, setup_context=_scan_op_setup_context)
 
 
-def bidirectional_scan_triton(u, delta, A, B, C, D, z, delta_bias, chunk_size=None, seg=None):
+def bidirectional_scan_triton(u, delta, A, B, C, D, z, delta_bias, chunk_size=None, seg=None, save_states=True):
     """Fused bidirectional selective scan; same contract as `kernels.bidirectional_scan`.
 
     Args:
@@ -1089,12 +1135,15 @@ def bidirectional_scan_triton(u, delta, A, B, C, D, z, delta_bias, chunk_size=No
         A: (2, E, N); B, C: (2, batch, N, L); D, delta_bias: (2, E); z: (batch, E, L).
         chunk_size: tokens per chunk (None: chosen from the shape); tests use small values to cross chunk borders.
         seg: backward checkpoint interval in tokens (None: _SEG).
+        save_states: when gradients are needed, the forward keeps the states the backward would otherwise recompute
+            in its first sweep (fp32, every CK = 16 tokens: 8 bytes a channel and token for both directions): a faster
+            backward for more saved memory (BENCHMARKS.md, "Selective scan kernel").
     Returns:
         (batch, E, L) in u's dtype: silu(z) * (y_fwd + y_bwd) / 2.
     """
     save = torch.is_grad_enabled() and any(t.requires_grad for t in (u, delta, A, B, C, D, z, delta_bias))
     if torch.compiler.is_compiling():
-        return _scan_op(u, delta, A, B, C, D, z, delta_bias, chunk_size, seg, save)[0]
+        return _scan_op(u, delta, A, B, C, D, z, delta_bias, chunk_size, seg, save, save_states)[0]
     if save:
-        return _ScanFn.apply(u, delta, A, B, C, D, z, delta_bias, chunk_size, seg)
+        return _ScanFn.apply(u, delta, A, B, C, D, z, delta_bias, chunk_size, seg, save_states)
     return _scan_fwd(u, delta, A, B, C, D, z, delta_bias, chunk_size)[0]

@@ -91,6 +91,7 @@ class MambaMixer(nn.Module):
             directions=V2_DIRECTIONS,
             share_conv: bool = False,
             scan_backend=None,
+            scan_save_states: bool = True,
     ):
         """
         Args:
@@ -101,6 +102,8 @@ class MambaMixer(nn.Module):
             share_conv: the backward SSM reads the forward conv's output (Vim's "v1" style, no conv1d_b); only with
                 directions ("row", "row_reverse").
             scan_backend: "reference", "triton" or None, see kernels.
+            scan_save_states: the two-direction Triton scan keeps states for its backward (faster, more memory),
+                see kernels.bidirectional_scan.
         """
         super().__init__()
         directions = tuple(directions)
@@ -113,6 +116,7 @@ class MambaMixer(nn.Module):
         self.d_state = d_state
         self.dt_rank = math.ceil(dim / 16) if dt_rank is None else dt_rank
         self.scan_backend = scan_backend
+        self.scan_save_states = scan_save_states
         self.directions = directions
         self.share_conv = share_conv
         # the default pair goes through the two-direction kernel, which reads the backward direction by itself
@@ -151,7 +155,7 @@ class MambaMixer(nn.Module):
         u = bidirectional_conv1d_silu(x, conv_weight, conv_bias, backend=self.scan_backend)  # (2, batch, L, E)
         delta, A, B, C, D, delta_bias = self._ssm_params(u)
         return bidirectional_scan(u.transpose(-1, -2), delta, A, B, C, D, z.transpose(1, 2), delta_bias,
-                                  backend=self.scan_backend)
+                                  backend=self.scan_backend, save_states=self.scan_save_states)
 
     def _ssm_params(self, u):
         """The scan's inputs of every direction from u (K, batch, L, E), token-major: delta (K, batch, E, L) and
@@ -231,7 +235,7 @@ class MambaMixer(nn.Module):
         if self.needs_orders:
             y = multidirectional_scan(*scan_args, orders, backend=self.scan_backend)
         else:
-            y = bidirectional_scan(*scan_args, backend=self.scan_backend)
+            y = bidirectional_scan(*scan_args, backend=self.scan_backend, save_states=self.scan_save_states)
         return self.out_proj(y.transpose(1, 2))
 
 
@@ -286,6 +290,7 @@ class VisionMamba(nn.Module):
             drop_path_rate: float = 0.0,
             norm_eps: float = 1e-5,
             scan_backend=None,
+            scan_save_states: bool = True,
             cls_mode: str = "middle",
             bidir_mode: str = "v2",
             scan_orders=None,
@@ -304,6 +309,9 @@ class VisionMamba(nn.Module):
             drop_path_rate: stochastic depth of the last block; linear from 0 over the blocks.
             norm_eps: RMSNorm epsilon.
             scan_backend: "reference", "triton" or None (best available), see kernels.bidirectional_scan.
+            scan_save_states: training with the Triton scan, each layer's forward keeps the states its backward
+                would otherwise recompute (about 9 % faster scan forward+backward, about a third more activation
+                memory; BENCHMARKS.md); False trades the speed back for the memory.
             cls_mode: "middle" (one class token in the middle of the patches, the head reads it), "head" (one
                 class token first), "double" (class tokens first and last, the head reads their mean), "mean" (no
                 class token, the head reads the mean of the tokens), "max" (no class token, the head is applied
@@ -343,7 +351,7 @@ class VisionMamba(nn.Module):
         mixers = _layer_directions(bidir_mode, scan_orders, depth)
         self.layers = nn.ModuleList([
             Block(embed_dim, drop_path=dpr[i], norm_eps=norm_eps, d_state=d_state, scan_backend=scan_backend,
-                  directions=directions, share_conv=share_conv)
+                  scan_save_states=scan_save_states, directions=directions, share_conv=share_conv)
             for i, (directions, share_conv) in enumerate(mixers)
         ])
         # visit lists of the full token sequence, one table per distinct direction set that needs them; buffers

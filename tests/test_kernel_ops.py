@@ -30,9 +30,11 @@ def _scan_inputs(K=2, batch=2, E=8, L=9, N=4, grad=True):
 
 def test_scan_op_registration():
     """Schema, fake tensors (shapes and strides of every output), autograd registration, and the op under
-    AOTAutograd with dynamic shapes; chunked (the chunk start states are an output), and without saving."""
-    torch.library.opcheck(st._scan_op, (*_scan_inputs(), 4, None, True))
-    torch.library.opcheck(st._scan_op, (*_scan_inputs(grad=False), None, None, False),
+    AOTAutograd with dynamic shapes; chunked, with the backward's states saved (an output) or the chunk start
+    states only, and without saving."""
+    torch.library.opcheck(st._scan_op, (*_scan_inputs(), 4, None, True, True))
+    torch.library.opcheck(st._scan_op, (*_scan_inputs(), 4, None, True, False))
+    torch.library.opcheck(st._scan_op, (*_scan_inputs(grad=False), None, None, False, True),
                           test_utils=("test_schema", "test_faketensor"))
 
 
@@ -52,7 +54,7 @@ def test_conv_op_registration():
 def test_scan_op_backward_needs_saved_forward():
     """The forward run without `save` keeps nothing for a backward: asking for one is a clear error."""
     xs = _scan_inputs()
-    out = st._scan_op(*xs, None, None, False)[0]
+    out = st._scan_op(*xs, None, None, False, True)[0]
     with pytest.raises(RuntimeError, match="save=False"):
         out.sum().backward()
 

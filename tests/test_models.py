@@ -197,12 +197,12 @@ def mixer_oracle(mixer, hidden_states):
     return mixer.out_proj(y.transpose(1, 2).to(hidden_states.dtype))
 
 
-@pytest.mark.parametrize("backend", ["reference", "triton"])
-def test_mixer_equals_the_plain_reference_computation(backend):
+@pytest.mark.parametrize("backend,save_states", [("reference", True), ("triton", True), ("triton", False)])
+def test_mixer_equals_the_plain_reference_computation(backend, save_states):
     torch.manual_seed(0)
     dtype = torch.float64 if backend == "reference" else torch.float32
     device = "cuda" if backend == "triton" and torch.cuda.is_available() else "cpu"  # else Triton's interpreter
-    mixer = MambaMixer(24, d_state=8, scan_backend=backend).to(device, dtype)
+    mixer = MambaMixer(24, d_state=8, scan_backend=backend, scan_save_states=save_states).to(device, dtype)
     mixer.init_weights()
     h = torch.randn(2, 11, 24, dtype=dtype, device=device, requires_grad=True)
     out = mixer(h)

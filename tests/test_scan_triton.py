@@ -113,6 +113,24 @@ def test_backward_channel_block_widths(monkeypatch, block_e, batch, E, L, N, chu
     test_fp32_matches_float64_reference(batch, E, L, N, chunk, seg)
 
 
+def test_saved_states_equal_recomputed_ones(monkeypatch):
+    """The forward keeping the backward's level-1 checkpoints (save_states, the default) gives bitwise the gradients
+    of the backward recomputing them, with every fresh buffer poisoned (a checkpoint not written would show as NaN):
+    chunked, the last chunk shorter than a checkpoint block, a partial second channel block."""
+    def poisoned_empty(*args, **kwargs):
+        t = torch_empty(*args, **kwargs)
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+
+    torch_empty = torch.empty
+    monkeypatch.setattr(torch, "empty", poisoned_empty)
+    xs = make_inputs(2, 40, 37, 16)
+    grad_out = torch.randn(2, 40, 37, generator=torch.Generator().manual_seed(1))
+    saved = run(st.bidirectional_scan_triton, xs, grad_out, chunk_size=20, save_states=True)
+    recomputed = run(st.bidirectional_scan_triton, xs, grad_out, chunk_size=20, save_states=False)
+    for name, a, b in zip(("out",) + NAMES, (saved[0], *saved[1]), (recomputed[0], *recomputed[1])):
+        assert torch.isfinite(a).all() and torch.equal(a, b), name
+
+
 @triton.jit
 def _copy_kernel(x_ptr, out_ptr, n, read, BLOCK: tl.constexpr):
     """out[:n] = x[:n], loading the first `read` elements of x (read > n loads past x's end)."""
