@@ -37,6 +37,7 @@ def build_mae(cfg, dist):
     eval_tf = data.build_transform(False, cfg.data.input_size, crop_pct=aug.crop_pct, interpolation=aug.interpolation)
     train_data, eval_data = build_data(cfg, dist, ("image",), train_tf, eval_tf)
     encoder = timm.create_model(cfg.model.name, **{**cfg.model.kwargs(), "num_classes": 0})
+    encoder.set_grad_checkpointing(cfg.train.grad_checkpointing)
     from pretrain.mae import MaskedAutoencoder
     mc = cfg.mae
     module = MaskedAutoencoder(
@@ -62,6 +63,7 @@ def build_clip(cfg, dist):
     encoder = timm.create_model(cfg.model.name, **{**cfg.model.kwargs(), "num_classes": 0})
     if cc.init_image_from:
         models.load_checkpoint(encoder, cc.init_image_from, strict=True, drop_head=True)
+    encoder.set_grad_checkpointing(cfg.train.grad_checkpointing)
     text = build_text_tower(cc.embed_dim, cc.text_model, cc.context_length, cc.vocab_size, cc.text_width,
                             cc.text_heads, cc.text_layers)
     classnames = eval_data.classes if eval_data is not None else None

@@ -48,6 +48,24 @@ def test_resume_gives_the_same_losses(tmp_path, default_data_cache):
         assert a[step] == pytest.approx(b[step], rel=1e-5, abs=1e-6), (step, a, b)
 
 
+def test_grad_checkpointing_gives_the_same_losses(tmp_path, default_data_cache, monkeypatch):
+    """train.grad_checkpointing recomputes the encoder's blocks in the backward (counted) without changing a loss."""
+    import models.vim
+    calls = []
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return checkpoint(*args, **kwargs)
+
+    checkpoint = models.vim.checkpoint
+    monkeypatch.setattr(models.vim, "checkpoint", counted)
+    run_pretrain.main(mae_args(tmp_path / "plain", default_data_cache, "train.max_steps=3"))
+    assert not calls
+    run_pretrain.main(mae_args(tmp_path / "ckpt", default_data_cache, "train.max_steps=3", "train.grad_checkpointing=true"))
+    assert len(calls) == 3 * 2  # 3 steps x 2 blocks
+    assert read_losses(tmp_path / "plain") == read_losses(tmp_path / "ckpt")
+
+
 def test_interrupted_checkpoint_is_not_the_latest(tmp_path, default_data_cache):
     run_pretrain.main(mae_args(tmp_path, default_data_cache, "train.max_steps=2"))
     half_written = tmp_path / "checkpoints" / "step_00000099"
