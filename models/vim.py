@@ -310,7 +310,7 @@ class VisionMamba(nn.Module):
             norm_eps: RMSNorm epsilon.
             scan_backend: "reference", "triton" or None (best available), see kernels.bidirectional_scan.
             scan_save_states: training with the Triton scan, each layer's forward keeps the states its backward
-                would otherwise recompute (about 9 % faster scan forward+backward, about a third more activation
+                would otherwise recompute (about 8 % faster scan forward+backward, about a third more activation
                 memory; BENCHMARKS.md); False trades the speed back for the memory.
             cls_mode: "middle" (one class token in the middle of the patches, the head reads it), "head" (one
                 class token first), "double" (class tokens first and last, the head reads their mean), "mean" (no
