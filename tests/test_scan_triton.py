@@ -123,10 +123,10 @@ def test_saved_states_equal_recomputed_ones(monkeypatch):
 
     torch_empty = torch.empty
     monkeypatch.setattr(torch, "empty", poisoned_empty)
-    xs = make_inputs(2, 40, 37, 16)
-    grad_out = torch.randn(2, 40, 37, generator=torch.Generator().manual_seed(1))
-    saved = run(st.bidirectional_scan_triton, xs, grad_out, chunk_size=20, save_states=True)
-    recomputed = run(st.bidirectional_scan_triton, xs, grad_out, chunk_size=20, save_states=False)
+    xs = make_inputs(1, 40, 25, 4)
+    grad_out = torch.randn(1, 40, 25, generator=torch.Generator().manual_seed(1))
+    saved = run(st.bidirectional_scan_triton, xs, grad_out, chunk_size=18, save_states=True)   # 18 + 7 tokens
+    recomputed = run(st.bidirectional_scan_triton, xs, grad_out, chunk_size=18, save_states=False)
     for name, a, b in zip(("out",) + NAMES, (saved[0], *saved[1]), (recomputed[0], *recomputed[1])):
         assert torch.isfinite(a).all() and torch.equal(a, b), name
 
