@@ -61,7 +61,8 @@ def test_grad_checkpointing_gives_the_same_losses(tmp_path, default_data_cache, 
     monkeypatch.setattr(models.vim, "checkpoint", counted)
     run_pretrain.main(mae_args(tmp_path / "plain", default_data_cache, "train.max_steps=3"))
     assert not calls
-    run_pretrain.main(mae_args(tmp_path / "ckpt", default_data_cache, "train.max_steps=3", "train.grad_checkpointing=true"))
+    run_pretrain.main(mae_args(tmp_path / "ckpt", default_data_cache, "train.max_steps=3",
+                               "train.grad_checkpointing=true"))
     assert len(calls) == 3 * 2  # 3 steps x 2 blocks
     assert read_losses(tmp_path / "plain") == read_losses(tmp_path / "ckpt")
 
